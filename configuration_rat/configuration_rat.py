@@ -1,0 +1,332 @@
+"""RAT model configuration.
+
+RAT ("RAT: Bridging RNN Efficiency and Attention Accuracy in Language Modeling", Wei et al., 2025) cuts the
+sequence into chunks of `chunk_size` tokens: inside a chunk a gated linear recurrence summarises keys and values,
+across chunks every token runs softmax attention over the summaries of all earlier chunks plus its own running
+summary. The paper's five models (attention, rnn, rat, attention-swa, rat-swa) are all layer patterns of this one
+model family: see `RatConfig.from_preset`.
+
+This file is self-contained (it imports only the standard library and transformers) because it is copied next to
+the weights of every saved checkpoint, so that `trust_remote_code=True` loading works without this package.
+"""
+
+import importlib.util
+import os
+import re
+import shutil
+from pathlib import Path
+
+from transformers import PretrainedConfig
+
+
+RAT_LAYER_TYPES = ("rat", "sliding_attention", "full_attention", "rnn")
+
+# The paper's five models, as layer patterns: a function of the layer index.
+PAPER_LAYER_PATTERNS = {
+    "attention": lambda layer_idx: "full_attention",
+    "rnn": lambda layer_idx: "rnn",
+    "rat": lambda layer_idx: "rat",
+    "attention-swa": lambda layer_idx: "full_attention" if layer_idx % 2 == 0 else "sliding_attention",
+    "rat-swa": lambda layer_idx: "rat" if layer_idx % 2 == 0 else "sliding_attention",
+}
+
+# Model sizes. "1.3b" is the paper's main size (Llama-2 tokenizer, 32000 tokens); the others are for experiments.
+PRESET_SIZES = {
+    "1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, vocab_size=32000),
+    "760m": dict(hidden_size=1536, num_hidden_layers=24, num_attention_heads=12, vocab_size=32000),
+    "200m": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=8, vocab_size=32000),
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, vocab_size=32000),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, vocab_size=8192),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512),
+}
+
+# The paper's sliding window: the official `window_size=1024` lets a query see 1024 earlier tokens plus itself.
+# `RatConfig.sliding_window` counts the tokens a query sees, itself included, hence 1025.
+PAPER_SLIDING_WINDOW = 1025
+
+RAT_IMPLEMENTATIONS = ("auto", "reference", "fast", "triton")
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_rat.RatConfig",
+    "AutoModel": "modeling_rat.RatModel",
+    "AutoModelForCausalLM": "modeling_rat.RatForCausalLM",
+}
+
+
+class RatConfig(PretrainedConfig):
+    r"""
+    Configuration of a RAT language model ([`RatModel`], [`RatForCausalLM`]). The defaults give the paper's 1.3B
+    RAT model (every layer a RAT layer, chunk size 16, two key/query groups).
+
+    Args:
+        vocab_size (`int`, defaults to 32000): number of tokens in the vocabulary.
+        hidden_size (`int`, defaults to 2048): width D of the residual stream.
+        intermediate_size (`int`, *optional*): width of the GELU MLP; defaults to `4 * hidden_size`.
+        num_hidden_layers (`int`, defaults to 24): number of blocks.
+        num_attention_heads (`int`, defaults to 16): heads H of the RAT and attention mixers.
+        head_dim (`int`, *optional*): derived, `hidden_size // num_attention_heads`; may be given only if equal.
+        num_qk_groups (`int`, defaults to 2): key/query groups G of the RAT mixer (the paper's `ngroups`). Queries
+            and keys are projected to `G * head_dim` and tiled over the heads: head h uses group `h % G`.
+        chunk_size (`int`, defaults to 16): chunk length L of the RAT mixer. L = 1 is close to attention, a chunk as
+            long as the sequence is an RNN.
+        layer_types (`list[str]`, *optional*): one entry per layer among `"rat"`, `"sliding_attention"`,
+            `"full_attention"`, `"rnn"`; defaults to all `"rat"`. Hybrids are layer patterns.
+        sliding_window (`int`, *optional*): number of tokens a sliding-window attention query sees, itself included
+            (the Hugging Face convention). The official code's `window_size=W` corresponds to `sliding_window=W + 1`.
+            Required when `layer_types` contains `"sliding_attention"`.
+        max_position_embeddings (`int`, defaults to 2048): training context length. Rotary embeddings do not limit
+            the length; this value sets the rnn layers' forget-gate initialisation, `log(U(1, max_position_embeddings
+            - 1))`, as in the official code.
+        rope_theta (`float`, defaults to 10000.0): rotary base.
+        rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation (exact erf GELU in the paper).
+        initializer_range (`float`, defaults to 0.02): standard deviation of the normal initialisation.
+        tie_word_embeddings (`bool`, defaults to `True`): tie the LM head to the token embedding.
+        use_cache (`bool`, defaults to `True`): return a cache from forward passes that can use one.
+        rat_implementation (`str`, defaults to `"auto"`): how RAT layers are computed: `"reference"` (the equations
+            written plainly, slow, the ground truth of the tests), `"fast"` (vectorised PyTorch, any device),
+            `"triton"` (fused GPU kernels) or `"auto"` (the fastest correct path for the device).
+    """
+
+    model_type = "rat"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 2048,
+        intermediate_size: int | None = None,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 16,
+        head_dim: int | None = None,
+        num_qk_groups: int = 2,
+        chunk_size: int = 16,
+        layer_types: list[str] | None = None,
+        sliding_window: int | None = None,
+        max_position_embeddings: int = 2048,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-6,
+        hidden_act: str = "gelu",
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        rat_implementation: str = "auto",
+        **kwargs,
+    ):
+        if intermediate_size is None:
+            intermediate_size = 4 * hidden_size if isinstance(hidden_size, int) else hidden_size
+        if layer_types is None and isinstance(num_hidden_layers, int):
+            layer_types = ["rat"] * num_hidden_layers
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_qk_groups = num_qk_groups
+        self.chunk_size = chunk_size
+        self.sliding_window = sliding_window
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.hidden_act = hidden_act
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.rat_implementation = rat_implementation
+        # transformers' base-class validation (run by its `__init__`) knows only its own layer types, so
+        # `layer_types` is set after it and checked with RAT's own rules (`validate` below).
+        self.layer_types = None
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.layer_types = list(layer_types) if isinstance(layer_types, (list, tuple)) else layer_types
+        self._check_rat_arguments(head_dim)
+        self.head_dim = hidden_size // num_attention_heads
+
+    # ------------------------------------------------------------------------------------------------ validation
+
+    def _check_rat_arguments(self, head_dim):
+        """Raise a ValueError that says what to change for any invalid combination of arguments."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_qk_groups", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
+            raise ValueError(
+                f"`chunk_size` must be an integer >= 1, got {self.chunk_size!r}. Use 1 for attention-like layers and "
+                "the paper's 16 for RAT."
+            )
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads}): choose a head count that divides it, e.g. "
+                f"{_divisors_near(self.hidden_size, self.num_attention_heads)}."
+            )
+        if self.num_attention_heads % self.num_qk_groups != 0:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be divisible by `num_qk_groups` "
+                f"({self.num_qk_groups}): queries and keys of each group are tiled over the heads. Choose "
+                f"`num_qk_groups` among {[g for g in range(1, self.num_attention_heads + 1) if self.num_attention_heads % g == 0]}."
+            )
+        derived_head_dim = self.hidden_size // self.num_attention_heads
+        if head_dim is not None and head_dim != derived_head_dim:
+            raise ValueError(
+                f"`head_dim` is derived as hidden_size // num_attention_heads = {derived_head_dim}, but {head_dim} was "
+                "given: leave `head_dim` unset or change `hidden_size`/`num_attention_heads`."
+            )
+        if derived_head_dim % 2 != 0:
+            raise ValueError(
+                f"The head size hidden_size // num_attention_heads = {derived_head_dim} must be even for rotary "
+                "embeddings: change `hidden_size` or `num_attention_heads`."
+            )
+        if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:
+            length = len(self.layer_types) if isinstance(self.layer_types, list) else self.layer_types
+            raise ValueError(
+                f"`layer_types` must have one entry per layer: got {length} entries for num_hidden_layers="
+                f"{self.num_hidden_layers}. Give a list of length {self.num_hidden_layers} or leave it unset (all 'rat')."
+            )
+        unknown = sorted({t for t in self.layer_types if t not in RAT_LAYER_TYPES}, key=str)
+        if unknown:
+            raise ValueError(f"Unknown layer type(s) {unknown} in `layer_types`: each entry must be one of {RAT_LAYER_TYPES}.")
+        if self.sliding_window is not None and (
+            not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window < 1
+        ):
+            raise ValueError(f"`sliding_window` must be a positive integer (tokens a query sees), got {self.sliding_window!r}.")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError(
+                "`layer_types` contains 'sliding_attention' but `sliding_window` is not set: give the number of tokens "
+                f"a query sees, itself included (the paper uses {PAPER_SLIDING_WINDOW}, official window_size=1024)."
+            )
+        if not (self.rope_theta > 0):
+            raise ValueError(f"`rope_theta` must be positive, got {self.rope_theta!r}.")
+        if not (self.rms_norm_eps > 0):
+            raise ValueError(f"`rms_norm_eps` must be positive, got {self.rms_norm_eps!r}.")
+        if not (self.initializer_range >= 0):
+            raise ValueError(f"`initializer_range` must be >= 0, got {self.initializer_range!r}.")
+        if self.rat_implementation not in RAT_IMPLEMENTATIONS:
+            raise ValueError(f"`rat_implementation` must be one of {RAT_IMPLEMENTATIONS}, got {self.rat_implementation!r}.")
+
+    def validate(self):
+        """Check the configuration (transformers calls this before saving): RAT's rules, then transformers' own
+        checks except its layer-type check, which knows only transformers' attention types."""
+        self._check_rat_arguments(self.head_dim)
+        for validator in getattr(PretrainedConfig, "__class_validators__", ()):
+            if validator.__name__ != "validate_layer_type":
+                validator(self)
+
+    # --------------------------------------------------------------------------------------------------- presets
+
+    @classmethod
+    def from_preset(cls, model: str = "rat", size: str = "1.3b", **overrides) -> "RatConfig":
+        """
+        One of the paper's five models at a preset size.
+
+        Args:
+            model: `"attention"`, `"rnn"`, `"rat"`, `"attention-swa"` or `"rat-swa"` (hybrids alternate: layer i is
+                attention/rat when i is even and sliding-window attention when odd).
+            size: one of `PRESET_SIZES` (`"1.3b"` is the paper's main size).
+            overrides: any `RatConfig` argument, e.g. `vocab_size=len(tokenizer)`.
+        """
+        if model not in PAPER_LAYER_PATTERNS:
+            raise ValueError(f"Unknown model {model!r}: choose one of {list(PAPER_LAYER_PATTERNS)}.")
+        if size not in PRESET_SIZES:
+            raise ValueError(f"Unknown size {size!r}: choose one of {list(PRESET_SIZES)}.")
+        arguments = dict(PRESET_SIZES[size], chunk_size=16, num_qk_groups=2)
+        if model.endswith("-swa"):
+            arguments["sliding_window"] = PAPER_SLIDING_WINDOW
+        arguments.update(overrides)
+        if "layer_types" not in overrides:
+            pattern = PAPER_LAYER_PATTERNS[model]
+            arguments["layer_types"] = [pattern(i) for i in range(arguments["num_hidden_layers"])]
+        return cls(**arguments)
+
+    # ------------------------------------------------------------------------------------------- remote code
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """
+        Save `config.json` with an `auto_map`, and next to it the model's code, so that the folder (or a Hub repo
+        made from it) loads with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` on a machine
+        without this package.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` ({save_directory}) must be a directory, not a file.")
+        self.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, push_to_hub=False)
+        written = write_remote_code(save_directory)
+        if push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = kwargs.pop("repo_id", str(save_directory).rstrip(os.sep).split(os.sep)[-1])
+            commit_message = kwargs.pop("commit_message", "Upload RAT config")
+            token = kwargs.pop("token", None)
+            repo_id = create_repo(repo_id, exist_ok=True, token=token, private=kwargs.pop("private", None)).repo_id
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=save_directory,
+                allow_patterns=["config.json"] + [path.name for path in written],
+                commit_message=commit_message,
+                token=token,
+            )
+
+
+def _divisors_near(number: int, target: int) -> list[int]:
+    divisors = [d for d in range(1, number + 1) if number % d == 0]
+    return sorted(divisors, key=lambda d: abs(d - target))[:3]
+
+
+def _relative_imports(source: Path) -> list[str]:
+    """Sibling modules a file imports as `from .name import ...` (the form transformers follows)."""
+    text = source.read_text(encoding="utf-8")
+    return sorted(set(re.findall(r"^\s*from\s+\.(\w+)\s+import", text, flags=re.MULTILINE)))
+
+
+def remote_code_files() -> dict[str, Path]:
+    """
+    The files of the remote-code bundle, name -> source path, always taken from the code that is running: the
+    installed packages (`configuration_rat/`, `modeling_rat/`) or, for a model that was itself loaded with
+    `trust_remote_code`, the flat folder this file sits in. The bundle is `configuration_rat.py`, `modeling_rat.py`
+    and every sibling module they import, recursively.
+    """
+    here = Path(__file__).resolve().parent
+    if (here / "modeling_rat.py").is_file():
+        modeling_dir = here
+    else:
+        spec = importlib.util.find_spec("modeling_rat")
+        if spec is None or spec.origin is None:
+            raise RuntimeError("Cannot find the `modeling_rat` package to bundle its code: is rat-transformers installed?")
+        modeling_dir = Path(spec.origin).resolve().parent
+    files = {"configuration_rat.py": Path(__file__).resolve()}
+    pending = ["modeling_rat"]
+    while pending:
+        name = pending.pop()
+        if f"{name}.py" in files:
+            continue
+        source = modeling_dir / f"{name}.py"
+        if not source.is_file():
+            raise RuntimeError(f"The model code imports `.{name}`, but {source} does not exist.")
+        files[f"{name}.py"] = source
+        pending.extend(_relative_imports(source))
+    return files
+
+
+def write_remote_code(save_directory) -> list[Path]:
+    """Copy the remote-code bundle (see `remote_code_files`) into `save_directory`; returns the written paths."""
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, source in remote_code_files().items():
+        destination = save_directory / name
+        if destination.resolve() != source:
+            shutil.copyfile(source, destination)
+        written.append(destination)
+    return written
+
+
+__all__ = ["RatConfig", "PRESET_SIZES", "PAPER_LAYER_PATTERNS", "RAT_LAYER_TYPES", "write_remote_code", "remote_code_files"]

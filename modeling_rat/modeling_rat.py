@@ -1,0 +1,922 @@
+"""PyTorch RAT model: `RatModel` and `RatForCausalLM`.
+
+Read top to bottom:
+
+1. `RatSequenceLayout`: where each token of a batch sits (its position inside its own sequence, padding, packed
+   sequences, what a cache already holds), computed once per forward and shared by all layers.
+2. The four token mixers of the paper's model family: `RatMixer` (chunked recurrence + inter-chunk attention),
+   `RatRecurrentMixer` (the rnn layer), `RatAttention` (full or sliding-window softmax attention).
+3. `RatDecoderLayer`: pre-norm residual block, mixer then GELU MLP.
+4. `RatPreTrainedModel`, `RatModel`, `RatForCausalLM`.
+
+The RAT mixer's computations live in `rat_ops.py` (PyTorch reference and fast path) and, on GPUs, `rat_triton.py`.
+This folder's files are copied next to saved weights, so that `trust_remote_code=True` loading needs no install.
+"""
+
+import math
+from dataclasses import fields
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .cache_rat import RatChunkCacheLayer, RatRecurrentCacheLayer, cache_nbytes
+from .rat_ops import (
+    apply_rotary,
+    chunk_attention,
+    chunk_scan,
+    linear_recurrence,
+    rat_reference,
+    rnn_reference,
+    rotary_cos_sin,
+    tile_groups,
+)
+
+
+try:  # inside a remote-code folder the configuration is a sibling file
+    from .configuration_rat import RatConfig
+except ImportError:  # installed package
+    from configuration_rat import RatConfig
+
+
+logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+# ================================================================================================ sequence layout
+
+
+class RatSequenceLayout:
+    """
+    Where every token of a batch sits, computed once per forward from `attention_mask`, `position_ids` and the cache.
+
+    * `valid` (B, T): False for padding. Padding never enters any state and no real token attends to it.
+    * `positions` (B, T): position of each token inside its own sequence (padding and earlier packed sequences do
+      not count). Given `position_ids` win; otherwise they are derived from the mask (cumsum - 1), continuing what
+      the cache holds, as `generate()` does.
+    * A new sequence starts at a row's first real token and wherever a position does not continue the previous real
+      token's (sequences packed in one row with positions restarting at 0).
+    * `simple`: one sequence per row, from position 0 in column 0, no padding, empty cache: the mixers then reshape
+      instead of gathering (the common training and prefill case).
+    """
+
+    def __init__(self, valid, positions, simple, past_seen=None, past_columns=0, key_valid=None, key_positions=None):
+        self.valid = valid
+        self.positions = positions
+        self.simple = simple
+        self.past_seen = past_seen  # (B,) real tokens the cache holds per row, or None
+        self.past_columns = past_columns  # tokens the cache holds per row, padding included
+        self.key_valid = key_valid  # (B, past + T): which columns are real tokens (attention layers)
+        self.key_positions = key_positions  # (B, past + T): their positions
+
+    @classmethod
+    def build(cls, batch_size, seq_len, device, attention_mask=None, position_ids=None, past_columns=0, has_padding=False):
+        total = past_columns + seq_len
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(
+                    f"RAT models take a 2-D padding mask (batch, tokens), got shape {tuple(attention_mask.shape)}: "
+                    "pass the tokenizer's `attention_mask` (1 for real tokens, 0 for padding)."
+                )
+            if attention_mask.shape != (batch_size, total):
+                raise ValueError(
+                    f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected ({batch_size}, {total}): one "
+                    f"column per token, the {past_columns} the cache holds followed by the {seq_len} new ones."
+                )
+            key_valid = attention_mask.to(device=device, dtype=torch.bool)
+        else:
+            if has_padding:
+                raise ValueError(
+                    "The cache holds a padded batch: pass the full `attention_mask` (past and new tokens) with every "
+                    "call, as generate() does, so that padding stays out of the state."
+                )
+            key_valid = None
+        valid = key_valid[:, past_columns:] if key_valid is not None else torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
+        key_positions = None
+        if key_valid is not None:
+            key_positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
+            past_seen = key_valid[:, :past_columns].sum(-1)
+        else:
+            past_seen = torch.full((batch_size,), past_columns, dtype=torch.long, device=device)
+        if position_ids is not None:
+            positions = position_ids.to(device=device, dtype=torch.long)
+            if positions.dim() == 1:
+                positions = positions.unsqueeze(0)
+            positions = positions.expand(batch_size, seq_len)
+        elif key_positions is not None:
+            positions = key_positions[:, past_columns:]
+        else:
+            positions = past_columns + torch.arange(seq_len, device=device).unsqueeze(0).expand(batch_size, seq_len)
+        positions = torch.where(valid, positions, torch.zeros_like(positions))
+        simple = False
+        if past_columns == 0 and (key_valid is None or bool(key_valid.all())):
+            simple = position_ids is None or bool((positions == torch.arange(seq_len, device=device)).all())
+        if key_positions is None:
+            key_positions = torch.arange(total, device=device).unsqueeze(0).expand(batch_size, total)
+            if position_ids is not None and past_columns == 0:
+                key_positions = positions
+        return cls(valid, positions, simple, past_seen if past_columns else None, past_columns, key_valid, key_positions)
+
+    # -------------------------------------------------------------------------------------------- segments
+
+    @cached_property
+    def segments(self) -> dict:
+        """The sequences ("segments") of the batch: row, first position and length of each, and each token's one."""
+        valid, positions = self.valid, self.positions
+        batch_size, seq_len = valid.shape
+        device = valid.device
+        columns = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+        last_valid = torch.cummax(torch.where(valid, columns, torch.full_like(columns, -1)), dim=1).values
+        previous = torch.cat([torch.full_like(last_valid[:, :1], -1), last_valid[:, :-1]], dim=1)
+        has_previous = previous >= 0
+        previous_position = positions.gather(1, previous.clamp(min=0))
+        starts = valid & (~has_previous | (positions != previous_position + 1))
+        segment_of_token = torch.where(valid, starts.reshape(-1).long().cumsum(0).reshape(batch_size, seq_len) - 1, -1)
+        start_rows, start_columns = starts.nonzero(as_tuple=True)
+        num_segments = start_rows.shape[0]
+        lengths = torch.bincount(segment_of_token[valid], minlength=num_segments)
+        first_positions = positions[start_rows, start_columns]
+        continues_cache = torch.zeros(num_segments, dtype=torch.bool, device=device)
+        if self.past_seen is not None:
+            first_of_row = ~has_previous[start_rows, start_columns]
+            continues_cache = first_of_row & (self.past_seen[start_rows] > 0)
+            bad = continues_cache & (first_positions != self.past_seen[start_rows])
+            if bool(bad.any()):
+                row = int(start_rows[bad][0])
+                raise ValueError(
+                    f"Row {row} continues a cache holding {int(self.past_seen[row])} tokens, so its next position is "
+                    f"{int(self.past_seen[row])}, but `position_ids` give {int(first_positions[bad][0])}. Omit "
+                    "`position_ids` (they are derived from the attention mask) or make them continue the cache."
+                )
+            rows_with_history = start_rows[continues_cache]
+            segments_per_row = torch.bincount(start_rows, minlength=batch_size)
+            if bool((segments_per_row[rows_with_history] > 1).any()):
+                raise ValueError("Packed sequences (positions restarting inside a row) cannot continue a cache.")
+        return {
+            "count": num_segments,
+            "row": start_rows,
+            "first_position": first_positions,
+            "length": lengths,
+            "of_token": segment_of_token,
+            "continues_cache": continues_cache,
+        }
+
+    @cached_property
+    def has_packed_rows(self) -> bool:
+        if self.simple:
+            return False
+        return self.segments["count"] > int(self.valid.any(dim=1).sum())
+
+    def chunk_grid(self, chunk_size: int) -> "ChunkGrid":
+        grids = self.__dict__.setdefault("_chunk_grids", {})
+        if chunk_size not in grids:
+            grids[chunk_size] = ChunkGrid(self, chunk_size)
+        return grids[chunk_size]
+
+    def attention_mask_for(self, key_columns: torch.Tensor | None, sliding_window: int | None):
+        """
+        Boolean mask (B, 1, T, K) of which keys each query sees, or None when `is_causal` suffices. `key_columns`
+        (K,) or (B, K) are the columns of the keys (None: the T new tokens themselves, no cache).
+        """
+        batch_size, seq_len = self.valid.shape
+        if key_columns is None:
+            if self.simple and sliding_window is None:
+                return None
+            query_columns = torch.arange(seq_len, device=self.valid.device)
+            allowed = query_columns[None, None, :] <= query_columns[None, :, None]
+            allowed = allowed & self.valid[:, None, :]
+            if not self.simple:
+                segment = self.segments["of_token"]
+                allowed = allowed & (segment[:, :, None] == segment[:, None, :])
+            if sliding_window is not None:
+                distance = self.positions[:, :, None] - self.positions[:, None, :]
+                allowed = allowed & (distance < sliding_window)
+        else:
+            query_columns = self.past_columns + torch.arange(seq_len, device=self.valid.device)
+            key_columns = key_columns if key_columns.dim() == 2 else key_columns.unsqueeze(0).expand(batch_size, -1)
+            total = self.key_positions.shape[1]
+            in_range = key_columns < total
+            safe_columns = key_columns.clamp(max=total - 1)
+            allowed = (key_columns[:, None, :] <= query_columns[None, :, None]) & in_range[:, None, :]
+            if self.key_valid is not None:
+                allowed = allowed & self.key_valid.gather(1, safe_columns)[:, None, :]
+            if sliding_window is not None:
+                key_positions = self.key_positions.gather(1, safe_columns)
+                distance = self.positions[:, :, None] - key_positions[:, None, :]
+                allowed = allowed & (distance < sliding_window)
+        # A padding query would see nothing; let it see anything (its output is never used) to avoid NaN.
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+        return allowed.unsqueeze(1)
+
+
+class ChunkGrid:
+    """
+    Tokens arranged as (rows, chunks, chunk_size) so that every chunk of every sequence is one row of a tensor:
+    each sequence of the batch becomes a grid row whose chunk i is its chunk `first_chunk + i`; token at position p
+    sits at (its sequence, p // L - first_chunk, p % L). Empty slots get gate 1 and input 0, which leave a
+    recurrence unchanged. In the `simple` layout this is a reshape; otherwise a gather/scatter.
+    """
+
+    def __init__(self, layout: RatSequenceLayout, chunk_size: int):
+        self.chunk_size = chunk_size
+        self.layout = layout
+        batch_size, seq_len = layout.valid.shape
+        device = layout.valid.device
+        if layout.simple:
+            self.num_rows = batch_size
+            self.num_chunks = max(1, -(-seq_len // chunk_size))
+            self.first_chunk = torch.zeros(batch_size, dtype=torch.long, device=device)
+            self.row_of_batch = torch.arange(batch_size, device=device)
+            self.continues_cache = torch.zeros(batch_size, dtype=torch.bool, device=device)
+            self.last_position = torch.full((batch_size,), seq_len - 1, dtype=torch.long, device=device)
+            return
+        segments = layout.segments
+        first_position = segments["first_position"]
+        last_position = first_position + segments["length"] - 1
+        self.first_chunk = torch.div(first_position, chunk_size, rounding_mode="floor")
+        chunk_counts = torch.div(last_position, chunk_size, rounding_mode="floor") - self.first_chunk + 1
+        self.num_rows = segments["count"]
+        self.num_chunks = int(chunk_counts.max()) if self.num_rows else 1
+        self.row_of_batch = segments["row"]
+        self.continues_cache = segments["continues_cache"]
+        self.last_position = last_position
+        valid_flat = layout.valid.reshape(-1)
+        self.token_index = valid_flat.nonzero(as_tuple=True)[0]  # flat (B*T) index of each real token
+        segment = segments["of_token"].reshape(-1)[self.token_index]
+        position = layout.positions.reshape(-1)[self.token_index]
+        chunk = torch.div(position, chunk_size, rounding_mode="floor") - self.first_chunk[segment]
+        self.grid_index = (segment * self.num_chunks + chunk) * chunk_size + position % chunk_size
+
+    @property
+    def chunk_index(self) -> torch.Tensor:
+        """(rows, chunks): the absolute chunk index (rotary position) of every grid chunk."""
+        return self.first_chunk[:, None] + torch.arange(self.num_chunks, device=self.first_chunk.device)
+
+    def to_grid(self, tokens: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(B, T, *feature) -> (rows, chunks, L, *feature)."""
+        batch_size, seq_len = tokens.shape[:2]
+        feature = tokens.shape[2:]
+        size = self.num_chunks * self.chunk_size
+        if self.layout.simple:
+            if size != seq_len:
+                pad_shape = (batch_size, size - seq_len, *feature)
+                tokens = torch.cat([tokens, tokens.new_full(pad_shape, fill)], dim=1)
+            return tokens.reshape(batch_size, self.num_chunks, self.chunk_size, *feature)
+        flat = tokens.reshape(batch_size * seq_len, *feature)[self.token_index]
+        grid = tokens.new_full((self.num_rows * size, *feature), fill)
+        grid = grid.index_copy(0, self.grid_index, flat)
+        return grid.reshape(self.num_rows, self.num_chunks, self.chunk_size, *feature)
+
+    def from_grid(self, grid: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """(rows, chunks, L, *feature) -> (B, T, *feature); padding tokens get zeros."""
+        feature = grid.shape[3:]
+        if self.layout.simple:
+            return grid.reshape(self.num_rows, -1, *feature)[:, :seq_len]
+        batch_size = self.layout.valid.shape[0]
+        flat = grid.reshape(-1, *feature)[self.grid_index]
+        tokens = grid.new_zeros(batch_size * seq_len, *feature).index_copy(0, self.token_index, flat)
+        return tokens.reshape(batch_size, seq_len, *feature)
+
+    def last_token(self, grid: torch.Tensor) -> torch.Tensor:
+        """(rows, chunks, L, *feature) -> (rows, *feature): the slot of each sequence's last token."""
+        chunk = torch.div(self.last_position, self.chunk_size, rounding_mode="floor") - self.first_chunk
+        index = chunk * self.chunk_size + self.last_position % self.chunk_size
+        flat = grid.reshape(self.num_rows, -1, *grid.shape[3:])
+        return flat[torch.arange(self.num_rows, device=grid.device), index]
+
+
+# ======================================================================================================== mixers
+
+
+class RatRMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * w, computed in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return (self.weight.to(torch.float32) * hidden_states).to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class RatMLP(nn.Module):
+    """down_proj(gelu(up_proj(x))), no biases."""
+
+    def __init__(self, config: RatConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states):
+        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+
+
+class RatMixer(nn.Module):
+    """
+    The RAT token mixer. With x the normalised input:
+
+        z = sigmoid(output_gate_proj(x))       v = v_proj(x)       f = sigmoid(forget_gate_proj(x) + forget_gate_bias)
+        q = q_proj(x), k = k_proj(x)           (G * d each, tiled over the H heads)
+
+    inside each chunk of L tokens, value and key are summarised by the gated recurrence
+    `s_t = f_t * s_{t-1} + (1 - f_t) * x_t` (restarting at each chunk); across chunks, each token attends with one
+    softmax to the rotated summaries of all earlier chunks plus its own running summary (rotary angle = chunk
+    index); the output is `o_proj(z * attention)`.
+    """
+
+    def __init__(self, config: RatConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.num_qk_groups = config.num_qk_groups
+        self.chunk_size = config.chunk_size
+        self.output_gate_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+        self.v_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+        self.forget_gate_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+        self.forget_gate_bias = nn.Parameter(torch.zeros(self.hidden_size))
+        self.q_proj = nn.Linear(self.hidden_size, self.num_qk_groups * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(self.hidden_size, self.num_qk_groups * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, layout: RatSequenceLayout, cache_layer=None) -> torch.Tensor:
+        output_gate = torch.sigmoid(self.output_gate_proj(hidden_states))
+        value = self.v_proj(hidden_states)
+        forget_gate = torch.sigmoid(self.forget_gate_proj(hidden_states).float() + self.forget_gate_bias.float())
+        query = self.q_proj(hidden_states)
+        key = self.k_proj(hidden_states)
+        implementation = resolve_rat_implementation(self.config, hidden_states.device)
+        if implementation == "reference":
+            if cache_layer is not None:
+                raise ValueError(
+                    "rat_implementation='reference' is the plain test oracle and runs without a cache: call it with "
+                    "use_cache=False, or use the 'fast' implementation."
+                )
+            attention = rat_reference(
+                query, key, value, forget_gate, layout.positions, layout.valid,
+                self.chunk_size, self.num_heads, self.config.rope_theta,
+            )
+        elif cache_layer is not None and hidden_states.shape[1] == 1 and cache_layer.is_initialized:
+            attention = self._decode_step(query, key, value, forget_gate, layout, cache_layer)
+        else:
+            attention = self._chunked(query, key, value, forget_gate, layout, cache_layer)
+        return self.o_proj(output_gate * attention)
+
+    # ----------------------------------------------------------------------------------------- fast path
+
+    def _chunked(self, query, key, value, forget_gate, layout, cache_layer):
+        """Any number of tokens: chunk scan on the grid of chunks, then one inter-chunk attention call."""
+        batch_size, seq_len, hidden_size = value.shape
+        heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
+        dtype = value.dtype
+        grid = layout.chunk_grid(chunk_size)
+        streams = torch.stack([value, tile_groups(key, self.num_qk_groups, heads)], dim=-2)  # (B, T, 2, D)
+        gates = grid.to_grid(forget_gate, fill=1.0)  # (N, C, L, D)
+        inputs = grid.to_grid((1 - forget_gate).unsqueeze(-2) * streams.float())  # (N, C, L, 2, D)
+
+        initial_state, history_keys, history_values, history_count = None, None, None, None
+        if cache_layer is not None:
+            cache_layer.prepare(batch_size, heads, head_dim, chunk_size, dtype, value.device)
+            if bool(grid.continues_cache.any()):
+                rows = grid.row_of_batch
+                seen = cache_layer.seen[rows]
+                resume = grid.continues_cache & (seen % chunk_size != 0)
+                initial_state = torch.where(resume[:, None, None], cache_layer.running_state[rows], 0.0)
+                history_count = torch.where(grid.continues_cache, cache_layer.completed_chunks()[rows], 0)
+                num_history = int(history_count.max())
+                history_keys = cache_layer.keys[rows, :, :num_history]
+                history_values = cache_layer.values[rows, :, :num_history]
+
+        states = chunk_scan(gates, inputs, initial_state)  # (N, C, L, 2, D) fp32
+        num_rows, num_chunks = states.shape[:2]
+        running_value = states[..., 0, :].reshape(num_rows, num_chunks, chunk_size, heads, head_dim)
+        running_key = states[..., 1, :].reshape(num_rows, num_chunks, chunk_size, heads, head_dim)
+        query_grid = grid.to_grid(tile_groups(query, self.num_qk_groups, heads)).reshape(
+            num_rows, num_chunks, chunk_size, heads, head_dim
+        )
+        cos, sin = rotary_cos_sin(grid.chunk_index, head_dim, self.config.rope_theta, torch.float32)  # (N, C, d)
+        query_rotated = apply_rotary(query_grid.float(), cos[:, :, None, None], sin[:, :, None, None])
+        own_score = (query_grid.float() * running_key).sum(-1)  # rotation preserves the dot product
+        key_summaries = apply_rotary(running_key[:, :, -1], cos[:, :, None], sin[:, :, None]).to(dtype)  # (N, C, H, d)
+        value_summaries = running_value[:, :, -1].to(dtype)
+        keys = key_summaries[:, :-1].transpose(1, 2)  # chunk c sees summaries of chunks < c: the last is never a key
+        values = value_summaries[:, :-1].transpose(1, 2)
+        mask = None
+        if history_keys is not None:
+            keys = torch.cat([history_keys, keys], dim=2)
+            values = torch.cat([history_values, values], dim=2)
+            mask = _chunk_mask_with_history(history_count, history_keys.shape[2], num_chunks)
+        attention = chunk_attention(
+            query_rotated.to(dtype).permute(0, 2, 3, 1, 4),
+            own_score.permute(0, 2, 3, 1),
+            running_value.to(dtype).permute(0, 2, 3, 1, 4),
+            keys,
+            values,
+            mask,
+            scale=1.0 / math.sqrt(head_dim),
+        )  # (N, L, H, C, d)
+        attention = attention.permute(0, 3, 1, 2, 4).reshape(num_rows, num_chunks, chunk_size, hidden_size)
+        if cache_layer is not None:
+            self._store(cache_layer, grid, layout, states, key_summaries, value_summaries, history_count)
+        return grid.from_grid(attention, seq_len)
+
+    def _store(self, cache_layer, grid, layout, states, key_summaries, value_summaries, history_count):
+        """Write what the tokens of this call leave behind into the cache: new chunk summaries and running state."""
+        chunk_size = self.chunk_size
+        batch_size, seq_len = layout.valid.shape
+        rows = grid.row_of_batch
+        # Only each row's last sequence continues (packed rows with a cache were refused by the layout).
+        last_of_row = torch.zeros(batch_size, dtype=torch.long, device=rows.device).scatter_reduce(
+            0, rows, torch.arange(grid.num_rows, device=rows.device), reduce="amax", include_self=False
+        )
+        has_tokens = torch.zeros(batch_size, dtype=torch.bool, device=rows.device)
+        has_tokens[rows] = True
+        segment = last_of_row[has_tokens]
+        batch_rows = has_tokens.nonzero(as_tuple=True)[0]
+        seen_after = grid.last_position[segment] + 1
+        completed_after = torch.div(seen_after, chunk_size, rounding_mode="floor")
+        new_completed = completed_after - grid.first_chunk[segment]
+        cache_layer.ensure_capacity((cache_layer.columns + seq_len) // chunk_size + 1)
+        max_new = int(new_completed.max()) if batch_rows.numel() else 0
+        if max_new > 0:
+            slot_offsets = torch.arange(max_new, device=rows.device)
+            take = slot_offsets[None, :] < new_completed[:, None]
+            row_index = batch_rows[:, None].expand(-1, max_new)[take]
+            slot_index = (grid.first_chunk[segment][:, None] + slot_offsets[None, :])[take]
+            source_rows = segment[:, None].expand(-1, max_new)[take]
+            source_chunks = slot_offsets[None, :].expand(len(segment), -1)[take]
+            keys = cache_layer.keys.clone()
+            values = cache_layer.values.clone()
+            keys[row_index, :, slot_index] = key_summaries[source_rows, source_chunks]
+            values[row_index, :, slot_index] = value_summaries[source_rows, source_chunks]
+            cache_layer.keys, cache_layer.values = keys, values
+        last_states = grid.last_token(states)  # (N, 2, D)
+        running_state = cache_layer.running_state.clone()
+        running_state[batch_rows] = last_states[segment].to(running_state.dtype)
+        seen = cache_layer.seen.clone()
+        seen[batch_rows] = seen_after
+        if cache_layer.record_past:
+            cache_layer.record(_states_per_column(grid, layout, states, cache_layer.running_state), layout.valid)
+        cache_layer.running_state, cache_layer.seen = running_state.detach(), seen
+        cache_layer.columns += seq_len
+
+    def _decode_step(self, query, key, value, forget_gate, layout, cache_layer):
+        """One new column per row on top of the cache: O(chunks) work, no recomputation of the prefix."""
+        batch_size, _, hidden_size = value.shape
+        heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
+        dtype = value.dtype
+        cache_layer.prepare(batch_size, heads, head_dim, chunk_size, dtype, value.device)
+        cache_layer.ensure_capacity((cache_layer.columns + 1) // chunk_size + 1)
+        valid = layout.valid[:, 0]
+        seen = cache_layer.seen
+        index_in_chunk = seen % chunk_size
+        chunk = torch.div(seen, chunk_size, rounding_mode="floor")
+        gate = forget_gate[:, 0]  # (B, D) fp32
+        stream = torch.stack([value[:, 0], tile_groups(key[:, 0], self.num_qk_groups, heads)], dim=1).float()
+        previous = torch.where((index_in_chunk == 0)[:, None, None], 0.0, cache_layer.running_state)
+        state = gate[:, None] * previous + (1 - gate[:, None]) * stream  # (B, 2, D)
+        running_value = state[:, 0].reshape(batch_size, heads, head_dim)
+        running_key = state[:, 1].reshape(batch_size, heads, head_dim)
+        query_heads = tile_groups(query[:, 0], self.num_qk_groups, heads).reshape(batch_size, heads, head_dim).float()
+        cos, sin = rotary_cos_sin(chunk, head_dim, self.config.rope_theta, torch.float32)  # (B, d)
+        query_rotated = apply_rotary(query_heads, cos[:, None], sin[:, None])
+        own_score = (query_heads * running_key).sum(-1)
+        capacity = cache_layer.keys.shape[2]
+        slots = torch.arange(capacity, device=value.device)
+        mask = torch.cat([torch.ones_like(chunk[:, None], dtype=torch.bool), slots[None, :] < chunk[:, None]], dim=1)
+        attention = chunk_attention(
+            query_rotated.to(dtype)[:, None, :, None],
+            own_score[:, None, :, None],
+            running_value.to(dtype)[:, None, :, None],
+            cache_layer.keys,
+            cache_layer.values,
+            mask[:, None, None, :],
+            scale=1.0 / math.sqrt(head_dim),
+        )  # (B, 1, H, 1, d)
+        completes = valid & (index_in_chunk == chunk_size - 1)
+        rows = torch.arange(batch_size, device=value.device)
+        slot = chunk.clamp(max=capacity - 1)
+        new_key = apply_rotary(running_key, cos[:, None], sin[:, None]).to(dtype)
+        keys, values = cache_layer.keys.clone(), cache_layer.values.clone()
+        keys[rows, :, slot] = torch.where(completes[:, None, None], new_key, keys[rows, :, slot])
+        values[rows, :, slot] = torch.where(completes[:, None, None], running_value.to(dtype), values[rows, :, slot])
+        cache_layer.keys, cache_layer.values = keys, values
+        running_state = torch.where(valid[:, None, None], state, cache_layer.running_state)
+        cache_layer.record(running_state[:, None], valid[:, None])
+        cache_layer.running_state = running_state.detach()
+        cache_layer.seen = seen + valid.long()
+        cache_layer.columns += 1
+        return attention.reshape(batch_size, 1, hidden_size)
+
+
+def _chunk_mask_with_history(history_count, num_history, num_chunks):
+    """(N, 1, C, 1 + num_history + C - 1): own slot, the valid cached summaries, then causal new summaries."""
+    device = history_count.device
+    own = torch.ones(history_count.shape[0], num_chunks, 1, dtype=torch.bool, device=device)
+    history = torch.arange(num_history, device=device)[None, None, :] < history_count[:, None, None]
+    history = history.expand(-1, num_chunks, -1)
+    new = torch.arange(num_chunks - 1, device=device)[None, :] < torch.arange(num_chunks, device=device)[:, None]
+    new = new[None].expand(history_count.shape[0], -1, -1)
+    return torch.cat([own, history, new], dim=-1).unsqueeze(1)
+
+
+def _states_per_column(grid, layout, states, previous_state):
+    """(B, T, S, D): the state after each column; padding columns repeat the state before them."""
+    per_token = grid.from_grid(states, layout.valid.shape[1]).float()  # zeros at padding
+    batch_size, seq_len = layout.valid.shape
+    columns = torch.arange(seq_len, device=per_token.device).expand(batch_size, seq_len)
+    last_valid = torch.cummax(torch.where(layout.valid, columns, torch.full_like(columns, -1)), dim=1).values
+    gathered = per_token.gather(1, last_valid.clamp(min=0)[:, :, None, None].expand_as(per_token))
+    before_any = (last_valid < 0)[:, :, None, None]
+    return torch.where(before_any, previous_state[:, None].to(per_token.dtype), gathered)
+
+
+class RatRecurrentMixer(nn.Module):
+    """The rnn layer: the RAT recurrence over whole sequences (no chunks, no attention): o_proj(z * s_t)."""
+
+    def __init__(self, config: RatConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.output_gate_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+        self.v_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+        self.forget_gate_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+        self.forget_gate_bias = nn.Parameter(torch.zeros(self.hidden_size))
+        self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, layout: RatSequenceLayout, cache_layer=None) -> torch.Tensor:
+        output_gate = torch.sigmoid(self.output_gate_proj(hidden_states))
+        value = self.v_proj(hidden_states)
+        forget_gate = torch.sigmoid(self.forget_gate_proj(hidden_states).float() + self.forget_gate_bias.float())
+        if resolve_rat_implementation(self.config, hidden_states.device) == "reference":
+            if cache_layer is not None:
+                raise ValueError("rat_implementation='reference' runs without a cache: pass use_cache=False.")
+            state = rnn_reference(value, forget_gate, layout.positions, layout.valid)
+        else:
+            state = self._scan(value, forget_gate, layout, cache_layer)
+        return self.o_proj(output_gate * state)
+
+    def _scan(self, value, forget_gate, layout, cache_layer):
+        batch_size, seq_len, hidden_size = value.shape
+        inputs = ((1 - forget_gate) * value.float()).unsqueeze(-2)  # (B, T, 1, D)
+        previous_state = None
+        if cache_layer is not None:
+            cache_layer.prepare(batch_size, hidden_size, value.device)
+            previous_state = cache_layer.running_state
+        if layout.simple:
+            rows = torch.arange(batch_size, device=value.device)
+            states = linear_recurrence(forget_gate, inputs)
+            per_token = states
+            continues = torch.zeros(batch_size, dtype=torch.bool, device=value.device)
+            last_index = torch.full((batch_size,), seq_len - 1, device=value.device)
+        else:
+            segments = layout.segments
+            rows, continues = segments["row"], segments["continues_cache"]
+            num_rows = segments["count"]
+            longest = int(segments["length"].max()) if num_rows else 1
+            token_index = layout.valid.reshape(-1).nonzero(as_tuple=True)[0]
+            segment = segments["of_token"].reshape(-1)[token_index]
+            offset = layout.positions.reshape(-1)[token_index] - segments["first_position"][segment]
+            grid_index = segment * longest + offset
+            gates = forget_gate.new_ones(num_rows * longest, hidden_size).index_copy(
+                0, grid_index, forget_gate.reshape(-1, hidden_size)[token_index]
+            ).reshape(num_rows, longest, hidden_size)
+            grid_inputs = inputs.new_zeros(num_rows * longest, 1, hidden_size).index_copy(
+                0, grid_index, inputs.reshape(-1, 1, hidden_size)[token_index]
+            ).reshape(num_rows, longest, 1, hidden_size)
+            initial = None
+            if previous_state is not None and bool(continues.any()):
+                initial = torch.where(continues[:, None, None], previous_state[rows], 0.0)
+            states = linear_recurrence(gates, grid_inputs, initial)
+            per_token = states.new_zeros(batch_size * seq_len, 1, hidden_size).index_copy(
+                0, token_index, states.reshape(-1, 1, hidden_size)[grid_index]
+            ).reshape(batch_size, seq_len, 1, hidden_size)
+            last_index = segments["length"] - 1
+        if cache_layer is not None:
+            last_states = states[torch.arange(states.shape[0], device=value.device), last_index]  # (N, 1, D)
+            running_state = cache_layer.running_state.clone()
+            running_state[rows] = last_states.to(running_state.dtype)
+            counts = torch.zeros(batch_size, dtype=torch.long, device=value.device).index_add(
+                0, torch.arange(batch_size, device=value.device), layout.valid.long().sum(1)
+            )
+            if cache_layer.record_past:
+                cache_layer.record(_forward_fill(per_token, layout.valid, cache_layer.running_state), layout.valid)
+            cache_layer.running_state = running_state.detach()
+            cache_layer.seen = cache_layer.seen + counts
+            cache_layer.columns += seq_len
+        return per_token[:, :, 0].to(value.dtype)
+
+
+def _forward_fill(per_token, valid, previous_state):
+    batch_size, seq_len = valid.shape
+    columns = torch.arange(seq_len, device=valid.device).expand(batch_size, seq_len)
+    last_valid = torch.cummax(torch.where(valid, columns, torch.full_like(columns, -1)), dim=1).values
+    gathered = per_token.gather(1, last_valid.clamp(min=0)[:, :, None, None].expand_as(per_token))
+    return torch.where((last_valid < 0)[:, :, None, None], previous_state[:, None].to(gathered.dtype), gathered)
+
+
+class RatAttention(nn.Module):
+    """Multi-head softmax attention (full or sliding window) with token-level rotary embeddings, through SDPA."""
+
+    def __init__(self, config: RatConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, hidden, bias=False)
+        self.k_proj = nn.Linear(hidden, hidden, bias=False)
+        self.v_proj = nn.Linear(hidden, hidden, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, layout: RatSequenceLayout, cache_layer=None) -> torch.Tensor:
+        batch_size, seq_len, _ = hidden_states.shape
+        shape = (batch_size, seq_len, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = rotary_cos_sin(layout.positions, self.head_dim, self.config.rope_theta, query.dtype)
+        query = apply_rotary(query, cos[:, None], sin[:, None])
+        key = apply_rotary(key, cos[:, None], sin[:, None])
+        if cache_layer is None:
+            mask = layout.attention_mask_for(None, self.sliding_window)
+        else:
+            if isinstance(cache_layer, (RatChunkCacheLayer, RatRecurrentCacheLayer)):
+                raise ValueError(f"Layer {self.layer_idx} is an attention layer but its cache layer is a {type(cache_layer).__name__}: the cache belongs to another model.")
+            key, value = cache_layer.update(key, value)
+            total = int(cache_layer.get_seq_length())
+            returned = key.shape[2]
+            key_columns = max(total - returned, 0) + torch.arange(returned, device=key.device)
+            mask = layout.attention_mask_for(key_columns, self.sliding_window)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
+
+
+MIXER_CLASSES = {
+    "rat": RatMixer,
+    "rnn": RatRecurrentMixer,
+    "full_attention": RatAttention,
+    "sliding_attention": RatAttention,
+}
+
+
+def resolve_rat_implementation(config: RatConfig, device: torch.device) -> str:
+    """The path RAT layers take: the configured one, or for "auto" the fastest available for the device."""
+    requested = getattr(config, "rat_implementation", "auto")
+    if requested != "auto":
+        return requested
+    return "fast"
+
+
+# ================================================================================================ decoder layer
+
+
+class RatDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm residual block: h = x + mixer(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, config: RatConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.mixer_norm = RatRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = MIXER_CLASSES[self.layer_type](config, layer_idx)
+        self.mlp_norm = RatRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = RatMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, layout: RatSequenceLayout, cache_layer=None) -> torch.Tensor:
+        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), layout, cache_layer)
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+# ====================================================================================================== models
+
+
+class RatPreTrainedModel(PreTrainedModel):
+    config_class = RatConfig
+    config: RatConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RatDecoderLayer"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    _supports_sdpa = True
+    _is_stateful = False  # the cache rolls back exactly (see cache_rat.py), so assisted decoding works
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """SPEC section 3: N(0, initializer_range) weights, unit norms, forget-gate bias log(U(1, L - 1))."""
+        try:
+            from transformers import initialization as init  # guards weights loaded from a checkpoint
+        except ImportError:  # older transformers: its loader skips loaded weights itself
+            init = nn.init
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RatRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, (RatMixer, RatRecurrentMixer)):
+            # The official range U(1, L - 1) is empty for L <= 2 (chunks of one or two tokens): use U(1, 2) then.
+            if isinstance(module, RatMixer):
+                upper = max(self.config.chunk_size - 1, 2)
+            else:
+                upper = max(self.config.max_position_embeddings - 1, 2)
+            bias = torch.empty_like(module.forget_gate_bias, dtype=torch.float32).uniform_(1.0, float(upper)).log_()
+            if hasattr(init, "copy_"):
+                init.copy_(module.forget_gate_bias, bias.to(module.forget_gate_bias.dtype))
+            elif not getattr(module.forget_gate_bias, "_is_hf_initialized", False):
+                module.forget_gate_bias.copy_(bias)
+
+
+class RatModel(RatPreTrainedModel):
+    """Embedding, blocks, final RMSNorm."""
+
+    def __init__(self, config: RatConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([RatDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RatRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if output_attentions:
+            raise ValueError("RAT models do not return attention weights (RAT layers attend to chunk summaries).")
+        if cache is None:
+            cache = past_key_values
+        elif past_key_values is not None:
+            raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache is not None):
+            logger.warning_once("A cache is not used with gradient checkpointing during training (`use_cache=False`).")
+            use_cache, cache = False, None
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"`cache` must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}.")
+
+        past_columns = cache.get_seq_length() if cache is not None else 0
+        past_columns = int(past_columns)
+        layout = RatSequenceLayout.build(
+            batch_size, seq_len, inputs_embeds.device, attention_mask, position_ids, past_columns,
+            has_padding=bool(getattr(cache, "_rat_has_padding", False)),
+        )
+        if use_cache and cache is None:
+            if layout.has_packed_rows:
+                use_cache = False  # packed sequences have no single state to continue
+            else:
+                cache = DynamicCache(config=self.config)
+        if cache is not None:
+            if layout.has_packed_rows:
+                raise ValueError("Packed sequences (positions restarting inside a row) cannot be used with a cache.")
+            if len(cache.layers) != self.config.num_hidden_layers:
+                raise ValueError(
+                    f"The cache has {len(cache.layers)} layers but the model has {self.config.num_hidden_layers}: it "
+                    "belongs to another model."
+                )
+            if layout.key_valid is not None and not bool(layout.key_valid.all()):
+                cache._rat_has_padding = True
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            cache_layer = cache.layers[layer_idx] if cache is not None else None
+            hidden_states = decoder_layer(hidden_states, layout, cache_layer=cache_layer)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            **{CACHE_FIELD: cache if use_cache or cache is not None else None},
+        )
+
+
+class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
+    """RAT language model: `RatModel` and a linear head tied to the embedding (by default)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RatConfig):
+        super().__init__(config)
+        self.model = RatModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def set_rat_implementation(self, implementation: str):
+        """Choose how RAT layers run: "auto", "fast", "reference" or "triton" (see `RatConfig`)."""
+        self.config.rat_implementation = implementation
+        self.config._check_rat_arguments(self.config.head_dim)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss_kwargs = {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index", "shift_labels")}
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+        if return_dict is False:
+            return output.to_tuple()
+        return output
+
+
+__all__ = ["RatPreTrainedModel", "RatModel", "RatForCausalLM", "RatSequenceLayout", "cache_nbytes"]

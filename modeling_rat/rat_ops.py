@@ -1,0 +1,309 @@
+"""PyTorch computations of the RAT token mixer: a plain reference and a fast vectorised path.
+
+Notation (see the SPEC of the model): B batch, T tokens, D hidden size, H heads of size d, G key/query groups,
+L chunk size. Every function here takes the mixer's projections already computed (the model owns the `nn.Linear`
+layers, so LoRA and other adapters always act on what reaches these functions).
+
+* `rat_reference`: the equations written token by token. Slow and obviously right: the ground truth of the tests.
+* `chunk_scan` / `ChunkScan`: the intra-chunk gated recurrence `h_l = f_l * h_{l-1} + u_l`, vectorised over all
+  chunks, with a hand-written backward (a reverse scan) so that autograd stores only the gates and the states.
+* `linear_recurrence`: the same recurrence over whole sequences (the `rnn` layer), as two levels of chunk scans.
+* `chunk_attention`: the inter-chunk softmax of every token over the summaries of earlier chunks plus its own
+  running summary, as ONE call of `scaled_dot_product_attention` (see its docstring for how the per-token term is
+  folded in). Memory stays O(T * (T / L) / block) and the backward never materialises the T x T/L score matrix.
+
+The layout helpers that arrange tokens of padded or packed batches on a grid of chunks live in `modeling_rat.py`.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------------------- rotary
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1], with x1, x2 the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin of angle `position * theta**(-2i/d)`, duplicated over both halves: shape `positions.shape + (d,)`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (..., d) by angles given as cos/sin broadcastable to it ("rotate_half" convention)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def tile_groups(x: torch.Tensor, num_groups: int, num_heads: int) -> torch.Tensor:
+    """(..., G*d) -> (..., H*d) by tiling the G groups H/G times: head h reads group h % G (official layout)."""
+    return x.repeat(*([1] * (x.dim() - 1)), num_heads // num_groups)
+
+
+# -------------------------------------------------------------------------------------------------- reference
+
+
+def rat_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    forget_gate: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    chunk_size: int,
+    num_heads: int,
+    rope_theta: float,
+) -> torch.Tensor:
+    """
+    The RAT mixer before its output gate and projection, token by token, exactly as the equations read.
+
+    Args:
+        query, key: (B, T, G*d) projections. value: (B, T, D). forget_gate: (B, T, D), already `sigmoid`-ed, fp32.
+        positions: (B, T) position of each token inside its own sequence; a new sequence starts wherever the
+            position does not continue the previous real token's (packing), and chunks follow positions.
+        valid: (B, T) bool, False for padding, which never enters any state (its output is zero).
+    Returns:
+        (B, T, D) attention outputs a_t (heads concatenated), in the dtype of `value`.
+    """
+    batch_size, seq_len, hidden_size = value.shape
+    num_groups = query.shape[-1] * num_heads // hidden_size
+    head_dim = hidden_size // num_heads
+    scale = 1.0 / math.sqrt(head_dim)
+    out = torch.zeros(batch_size, seq_len, num_heads, head_dim, dtype=torch.float32, device=value.device)
+    for b in range(batch_size):
+        previous_position = None
+        for t in range(seq_len):
+            if not bool(valid[b, t]):
+                continue
+            p = int(positions[b, t])
+            chunk, index_in_chunk = divmod(p, chunk_size)
+            f = forget_gate[b, t].float()
+            v = value[b, t].float()
+            k = tile_groups(key[b, t].float(), num_groups, num_heads)
+            q = tile_groups(query[b, t].float(), num_groups, num_heads)
+            if previous_position is None or p != previous_position + 1:  # a new sequence starts here
+                key_summaries, value_summaries = [], []
+                running_value, running_key = torch.zeros_like(v), torch.zeros_like(k)
+            elif index_in_chunk == 0:  # a new chunk starts here
+                running_value, running_key = torch.zeros_like(v), torch.zeros_like(k)
+            previous_position = p
+            running_value = f * running_value + (1 - f) * v
+            running_key = f * running_key + (1 - f) * k
+            cos, sin = rotary_cos_sin(torch.tensor(chunk, device=value.device), head_dim, rope_theta, torch.float32)
+            q_rot = apply_rotary(q.view(num_heads, head_dim), cos, sin)
+            own_key = apply_rotary(running_key.view(num_heads, head_dim), cos, sin)
+            keys = torch.stack(key_summaries + [own_key], dim=1)  # (H, c+1, d)
+            values = torch.stack(value_summaries + [running_value.view(num_heads, head_dim)], dim=1)
+            scores = torch.einsum("hd,hnd->hn", q_rot, keys) * scale
+            out[b, t] = torch.einsum("hn,hnd->hd", scores.softmax(dim=-1), values)
+            if index_in_chunk == chunk_size - 1:  # the chunk is complete: keep its summary
+                key_summaries.append(own_key)
+                value_summaries.append(running_value.view(num_heads, head_dim))
+    return out.reshape(batch_size, seq_len, hidden_size).to(value.dtype)
+
+
+def rnn_reference(value: torch.Tensor, forget_gate: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
+    """The rnn mixer's recurrence `h_t = f_t h_{t-1} + (1 - f_t) v_t` over whole sequences, token by token."""
+    out = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+    for b in range(value.shape[0]):
+        previous_position, state = None, None
+        for t in range(value.shape[1]):
+            if not bool(valid[b, t]):
+                continue
+            p = int(positions[b, t])
+            if previous_position is None or p != previous_position + 1:
+                state = torch.zeros_like(value[b, t], dtype=torch.float32)
+            previous_position = p
+            f = forget_gate[b, t].float()
+            state = f * state + (1 - f) * value[b, t].float()
+            out[b, t] = state
+    return out.to(value.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ chunk scan
+
+
+def chunk_scan_reference(gates: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None = None):
+    """
+    `h[:, c, l] = gates[:, c, l] * h[:, c, l-1] + inputs[:, c, l]`, each chunk c starting from zero, except chunk 0
+    which starts from `initial_state` when given. gates: (N, C, L, F); inputs: (N, C, L, S, F) (S streams sharing
+    the gates); initial_state: (N, S, F). Plain autograd, for tests.
+    """
+    states = []
+    previous = torch.zeros_like(inputs[:, :, 0])
+    if initial_state is not None:
+        previous = torch.cat([initial_state.unsqueeze(1), previous[:, 1:]], dim=1)
+    for index in range(gates.shape[2]):
+        previous = gates[:, :, index].unsqueeze(-2) * previous + inputs[:, :, index]
+        states.append(previous)
+    return torch.stack(states, dim=2)
+
+
+class ChunkScan(torch.autograd.Function):
+    """`chunk_scan_reference` with a reverse-scan backward: saves only the gates and the states."""
+
+    @staticmethod
+    def forward(ctx, gates, inputs, initial_state):
+        states = torch.empty_like(inputs)
+        previous = torch.zeros_like(inputs[:, :, 0])
+        if initial_state is not None:
+            previous[:, 0] = initial_state
+        for index in range(gates.shape[2]):
+            previous = torch.addcmul(inputs[:, :, index], gates[:, :, index].unsqueeze(-2), previous)
+            states[:, :, index] = previous
+        ctx.save_for_backward(gates, states, initial_state)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states):
+        gates, states, initial_state = ctx.saved_tensors
+        chunk_size = gates.shape[2]
+        grad_inputs = torch.empty_like(grad_states)
+        grad_gates = torch.empty_like(gates)
+        carried = grad_states[:, :, chunk_size - 1].clone()
+        for index in range(chunk_size - 1, -1, -1):
+            if index < chunk_size - 1:
+                carried = torch.addcmul(grad_states[:, :, index], gates[:, :, index + 1].unsqueeze(-2), carried)
+            grad_inputs[:, :, index] = carried
+            if index > 0:
+                grad_gates[:, :, index] = (carried * states[:, :, index - 1]).sum(-2)
+            else:
+                grad_gates[:, :, 0] = 0
+                if initial_state is not None:
+                    grad_gates[:, 0, 0] = (carried[:, 0] * initial_state).sum(-2)
+        grad_initial = None
+        if initial_state is not None and ctx.needs_input_grad[2]:
+            grad_initial = gates[:, 0, 0].unsqueeze(-2) * carried[:, 0]
+        return grad_gates, grad_inputs, grad_initial
+
+
+def chunk_scan(gates: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None = None) -> torch.Tensor:
+    """See `chunk_scan_reference`; computed by `ChunkScan` in fp32 (or fp64 for fp64 inputs)."""
+    dtype = torch.promote_types(inputs.dtype, torch.float32)
+    gates = gates.to(dtype).contiguous()
+    inputs = inputs.to(dtype).contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.to(dtype).contiguous()
+    return ChunkScan.apply(gates, inputs, initial_state)
+
+
+def linear_recurrence(
+    gates: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None = None, block_size: int = 64
+) -> torch.Tensor:
+    """
+    `h_t = gates_t * h_{t-1} + inputs_t` along whole rows (dim 1), from `initial_state` (or zero).
+    gates: (N, T, F); inputs: (N, T, S, F); initial_state: (N, S, F). Two levels of `chunk_scan`: inside blocks of
+    `block_size` tokens from zero, then the carries between blocks, then each block's share of its carry (the
+    product of its gates so far, itself a scan), so the Python loops run O(T / block + block) steps, not T.
+    """
+    num_rows, seq_len = gates.shape[:2]
+    padded_len = -(-seq_len // block_size) * block_size
+    if padded_len != seq_len:  # padding: gate 1, input 0 leaves the state unchanged
+        gates = F.pad(gates, (0, 0, 0, padded_len - seq_len), value=1.0)
+        inputs = F.pad(inputs, (0, 0, 0, 0, 0, padded_len - seq_len))
+    num_blocks = padded_len // block_size
+    feature_shape = inputs.shape[2:]
+    block_gates = gates.reshape(num_rows, num_blocks, block_size, -1)
+    block_inputs = inputs.reshape(num_rows, num_blocks, block_size, *feature_shape)
+    local = chunk_scan(block_gates, block_inputs)  # each block from zero
+    # Product of the gates since the block start (how much of the incoming state survives).
+    decay = _cumulative_gate_product(block_gates)
+    # Carries: state at the end of block j = decay_end_j * state_end_{j-1} + local_end_j.
+    carries = chunk_scan(
+        decay[:, :, -1].unsqueeze(1), local[:, :, -1].unsqueeze(1), initial_state
+    ).squeeze(1)  # (N, num_blocks, S, F): state at the end of every block
+    incoming = torch.cat(
+        [
+            (initial_state.to(carries.dtype) if initial_state is not None else torch.zeros_like(carries[:, 0])).unsqueeze(1),
+            carries[:, :-1],
+        ],
+        dim=1,
+    )  # state entering each block
+    states = local + decay.unsqueeze(-2) * incoming.unsqueeze(2)
+    return states.reshape(num_rows, padded_len, *feature_shape)[:, :seq_len]
+
+
+def _cumulative_gate_product(block_gates: torch.Tensor) -> torch.Tensor:
+    """Running product of the gates inside each block (N, C, L, F), as a chunk scan from state 1 with input 0."""
+    ones = torch.ones_like(block_gates[:, :, 0]).unsqueeze(-2)  # (N, C, 1, F)
+    zeros = torch.zeros_like(block_gates).unsqueeze(-2)
+    num_rows, num_blocks = block_gates.shape[:2]
+    # Treat each block as its own row so that every block starts from the initial state 1.
+    flat_gates = block_gates.reshape(num_rows * num_blocks, 1, *block_gates.shape[2:])
+    flat_zeros = zeros.reshape(num_rows * num_blocks, 1, *zeros.shape[2:])
+    flat_ones = ones.reshape(num_rows * num_blocks, *ones.shape[2:])
+    product = chunk_scan(flat_gates, flat_zeros, flat_ones)
+    return product.reshape(num_rows, num_blocks, *block_gates.shape[2:])
+
+
+# ------------------------------------------------------------------------------------------ chunk attention
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Head size of the augmented attention inputs: d + 1, rounded up to a multiple of 8 for fast kernels."""
+    return -(-(head_dim + 1) // 8) * 8
+
+
+def chunk_attention(
+    query: torch.Tensor,
+    own_score: torch.Tensor,
+    own_value: torch.Tensor,
+    key_summaries: torch.Tensor,
+    value_summaries: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """
+    Each token's softmax over the summaries of earlier chunks plus its own running summary, in one SDPA call.
+
+    The token's own key differs from token to token, so it cannot be one more shared key. It is folded in with one
+    extra coordinate: queries get `[q, s_own]` with `s_own = q . k_own` (unscaled), the key list gets a first "own"
+    slot `[0, 1]` (its score is then exactly `s_own`), and values get `[V, 0]` with the own slot `[0, 1]`, so the
+    extra output coordinate is the own term's softmax weight `p_own` and `out = o[:d] + p_own * v_own` is exactly
+    the single softmax over `{K_0..K_{c-1}} U {k_own}` of the SPEC. Zero coordinates pad the head size to a
+    multiple of 8. The fused SDPA kernels then do the blocked online softmax (forward and backward).
+
+    Shapes (N independent rows, L tokens per chunk, H heads, C query chunks, K key chunks, d head size):
+        query: (N, L, H, C, d), already rotated by each token's chunk index.
+        own_score: (N, L, H, C) fp32; own_value: (N, L, H, C, d).
+        key_summaries, value_summaries: (N, H, K, d), rotated keys of chunks 0..K-1.
+        attention_mask: None for the plain chunk-causal case (K == C - 1 and query chunk c sees key chunks < c),
+            else a bool mask (N, 1, C, K + 1) over [own slot, K_0 .. K_{K-1}], True where attention is allowed.
+    Returns (N, L, H, C, d).
+    """
+    num_rows, chunk_size, num_heads, num_chunks, head_dim = query.shape
+    width = padded_head_dim(head_dim)
+    dtype = query.dtype
+    pad = width - head_dim - 1
+    query_aug = torch.cat(
+        [query, own_score.to(dtype).unsqueeze(-1), query.new_zeros(*query.shape[:-1], pad)], dim=-1
+    ).reshape(num_rows * chunk_size, num_heads, num_chunks, width)
+    num_keys = key_summaries.shape[2]
+    own_slot = key_summaries.new_zeros(num_rows, num_heads, 1, width)
+    own_slot[..., head_dim] = 1
+    key_aug = torch.cat([key_summaries, key_summaries.new_zeros(num_rows, num_heads, num_keys, width - head_dim)], -1)
+    value_aug = torch.cat(
+        [value_summaries, value_summaries.new_zeros(num_rows, num_heads, num_keys, width - head_dim)], -1
+    )
+    key_aug = torch.cat([own_slot, key_aug], dim=2)
+    value_aug = torch.cat([own_slot, value_aug], dim=2)
+    # Every token of a chunk sees the same keys: the L tokens of a chunk become L rows sharing keys and values.
+    key_aug = key_aug.unsqueeze(1).expand(-1, chunk_size, -1, -1, -1).reshape(num_rows * chunk_size, num_heads, -1, width)
+    value_aug = (
+        value_aug.unsqueeze(1).expand(-1, chunk_size, -1, -1, -1).reshape(num_rows * chunk_size, num_heads, -1, width)
+    )
+    if attention_mask is None:
+        out = F.scaled_dot_product_attention(query_aug, key_aug, value_aug, is_causal=True, scale=scale)
+    else:
+        mask = attention_mask.unsqueeze(1).expand(-1, chunk_size, -1, -1, -1).reshape(num_rows * chunk_size, 1, num_chunks, -1)
+        out = F.scaled_dot_product_attention(query_aug, key_aug, value_aug, attn_mask=mask, scale=scale)
+    out = out.reshape(num_rows, chunk_size, num_heads, num_chunks, width)
+    return out[..., :head_dim] + out[..., head_dim : head_dim + 1] * own_value
