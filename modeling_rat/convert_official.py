@@ -84,10 +84,10 @@ def official_to_rat(
             problems.append(f"missing key {key!r}")
             return None
         tensor = state[key]
+        used.add(key)
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             problems.append(f"{key!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
             return None
-        used.add(key)
         return tensor
 
     used = set()

@@ -457,7 +457,7 @@ class RatMixer(nn.Module):
         seen_after = grid.last_position[segment] + 1
         completed_after = torch.div(seen_after, chunk_size, rounding_mode="floor")
         new_completed = completed_after - grid.first_chunk[segment]
-        cache_layer.ensure_capacity((cache_layer.columns + seq_len) // chunk_size + 1)
+        cache_layer.ensure_capacity((cache_layer.columns + seq_len) // chunk_size)
         max_new = int(new_completed.max()) if batch_rows.numel() else 0
         if max_new > 0:
             slot_offsets = torch.arange(max_new, device=rows.device)
@@ -487,7 +487,7 @@ class RatMixer(nn.Module):
         heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
         dtype = value.dtype
         cache_layer.prepare(batch_size, heads, head_dim, chunk_size, dtype, value.device)
-        cache_layer.ensure_capacity((cache_layer.columns + 1) // chunk_size + 1)
+        cache_layer.ensure_capacity((cache_layer.columns + 1) // chunk_size)
         valid = layout.valid[:, 0]
         seen = cache_layer.seen
         index_in_chunk = seen % chunk_size

@@ -1,0 +1,51 @@
+"""rat-transformers: the RAT architecture as a Hugging Face Transformers model."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+
+here = Path(__file__).parent
+readme = (here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else ""
+
+TRAIN = [
+    "peft>=0.17",
+    "trl>=1.0",
+    "datasets>=3.0",
+    "tokenizers>=0.21",
+    "rouge-score>=0.1.2",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+]
+
+setup(
+    name="rat-transformers",
+    version="0.1.0",
+    description="RAT (chunked recurrence + attention) as a first-class Hugging Face Transformers model",
+    long_description=readme,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["configuration_rat", "modeling_rat"],
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.16,<6",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "train": TRAIN,
+        "dev": TRAIN + ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"],
+    },
+    entry_points={
+        "console_scripts": [
+            "rat-convert-official=modeling_rat.convert_official:main",
+        ]
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,71 @@
+"""Shared helpers: tiny models, the official fixtures, offline settings."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from modeling_rat import RatConfig, RatForCausalLM  # noqa: E402
+
+
+FIXTURES = Path(os.environ.get("RAT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+LAYER_PATTERNS = {
+    "rat": ["rat", "rat"],
+    "rnn": ["rnn", "rnn"],
+    "attention": ["full_attention", "full_attention"],
+    "rat+sliding": ["rat", "sliding_attention"],
+    "rat+full": ["rat", "full_attention"],
+    "attention+sliding": ["full_attention", "sliding_attention"],
+}
+
+
+def tiny_config(layer_types=("rat", "rat"), **overrides) -> RatConfig:
+    arguments = dict(
+        vocab_size=61,
+        hidden_size=32,
+        num_hidden_layers=len(layer_types),
+        num_attention_heads=4,
+        num_qk_groups=2,
+        chunk_size=4,
+        layer_types=list(layer_types),
+        sliding_window=6,
+        initializer_range=0.3,  # larger than the 0.02 default so that attention is peaked and mistakes show
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    arguments.update(overrides)
+    return RatConfig(**arguments)
+
+
+def tiny_model(layer_types=("rat", "rat"), seed=0, dtype=torch.float32, **overrides) -> RatForCausalLM:
+    torch.manual_seed(seed)
+    model = RatForCausalLM(tiny_config(layer_types, **overrides)).eval()
+    return model.to(dtype)
+
+
+def random_ids(batch, length, vocab=61, seed=1):
+    """Token ids that avoid 0 (the tiny models' pad token), so that generate() never mistakes them for padding."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (batch, length), generator=generator)
+
+
+def fixture_paths():
+    return sorted(FIXTURES.glob("*.pt")) if FIXTURES.is_dir() else []
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
