@@ -422,18 +422,16 @@ class RatMixer(nn.Module):
         value_summaries = running_value[:, :, -1].to(dtype)
         keys = key_summaries[:, :-1].transpose(1, 2)  # chunk c sees summaries of chunks < c: the last is never a key
         values = value_summaries[:, :-1].transpose(1, 2)
-        mask = None
         if history_keys is not None:
             keys = torch.cat([history_keys, keys], dim=2)
             values = torch.cat([history_values, values], dim=2)
-            mask = _chunk_mask_with_history(history_count, history_keys.shape[2], num_chunks)
         attention = chunk_attention(
             query_rotated.to(dtype).permute(0, 2, 3, 1, 4),
             own_score.permute(0, 2, 3, 1),
             running_value.to(dtype).permute(0, 2, 3, 1, 4),
             keys,
             values,
-            mask,
+            history_count,
             scale=1.0 / math.sqrt(head_dim),
         )  # (N, L, H, C, d)
         attention = attention.permute(0, 3, 1, 2, 4).reshape(num_rows, num_chunks, chunk_size, hidden_size)
@@ -503,15 +501,13 @@ class RatMixer(nn.Module):
         query_rotated = apply_rotary(query_heads, cos[:, None], sin[:, None])
         own_score = (query_heads * running_key).sum(-1)
         capacity = cache_layer.keys.shape[2]
-        slots = torch.arange(capacity, device=value.device)
-        mask = torch.cat([torch.ones_like(chunk[:, None], dtype=torch.bool), slots[None, :] < chunk[:, None]], dim=1)
         attention = chunk_attention(
             query_rotated.to(dtype)[:, None, :, None],
             own_score[:, None, :, None],
             running_value.to(dtype)[:, None, :, None],
             cache_layer.keys,
             cache_layer.values,
-            mask[:, None, None, :],
+            chunk,  # the first `chunk` cached summaries of each row are its earlier chunks
             scale=1.0 / math.sqrt(head_dim),
         )  # (B, 1, H, 1, d)
         completes = valid & (index_in_chunk == chunk_size - 1)
@@ -528,17 +524,6 @@ class RatMixer(nn.Module):
         cache_layer.seen = seen + valid.long()
         cache_layer.columns += 1
         return attention.reshape(batch_size, 1, hidden_size)
-
-
-def _chunk_mask_with_history(history_count, num_history, num_chunks):
-    """(N, 1, C, 1 + num_history + C - 1): own slot, the valid cached summaries, then causal new summaries."""
-    device = history_count.device
-    own = torch.ones(history_count.shape[0], num_chunks, 1, dtype=torch.bool, device=device)
-    history = torch.arange(num_history, device=device)[None, None, :] < history_count[:, None, None]
-    history = history.expand(-1, num_chunks, -1)
-    new = torch.arange(num_chunks - 1, device=device)[None, :] < torch.arange(num_chunks, device=device)[:, None]
-    new = new[None].expand(history_count.shape[0], -1, -1)
-    return torch.cat([own, history, new], dim=-1).unsqueeze(1)
 
 
 def _states_per_column(grid, layout, states, previous_state):

@@ -252,13 +252,26 @@ def padded_head_dim(head_dim: int) -> int:
     return -(-(head_dim + 1) // 8) * 8
 
 
+def chunk_attention_mask(history_count: torch.Tensor, num_history: int, num_chunks: int) -> torch.Tensor:
+    """
+    (N, 1, C, 1 + P + C - 1) bool: which of [own slot, P history summaries, C - 1 new summaries] each query chunk
+    sees. Query chunk i of row n sees the own slot, history slots j < history_count[n], and new summaries k < i.
+    """
+    device = history_count.device
+    rows = history_count.shape[0]
+    own = torch.ones(rows, num_chunks, 1, dtype=torch.bool, device=device)
+    history = torch.arange(num_history, device=device)[None, None, :] < history_count[:, None, None]
+    new = torch.arange(num_chunks - 1, device=device)[None, :] < torch.arange(num_chunks, device=device)[:, None]
+    return torch.cat([own, history.expand(-1, num_chunks, -1), new[None].expand(rows, -1, -1)], dim=-1).unsqueeze(1)
+
+
 def chunk_attention(
     query: torch.Tensor,
     own_score: torch.Tensor,
     own_value: torch.Tensor,
     key_summaries: torch.Tensor,
     value_summaries: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    history_count: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
     """
@@ -271,12 +284,13 @@ def chunk_attention(
     the single softmax over `{K_0..K_{c-1}} U {k_own}` of the SPEC. Zero coordinates pad the head size to a
     multiple of 8. The fused SDPA kernels then do the blocked online softmax (forward and backward).
 
-    Shapes (N independent rows, L tokens per chunk, H heads, C query chunks, K key chunks, d head size):
-        query: (N, L, H, C, d), already rotated by each token's chunk index.
+    Shapes (N independent rows, L tokens per chunk, H heads, C query chunks, d head size):
+        query: (N, L, H, C, d), rotated by each token's chunk index.
         own_score: (N, L, H, C) fp32; own_value: (N, L, H, C, d).
-        key_summaries, value_summaries: (N, H, K, d), rotated keys of chunks 0..K-1.
-        attention_mask: None for the plain chunk-causal case (K == C - 1 and query chunk c sees key chunks < c),
-            else a bool mask (N, 1, C, K + 1) over [own slot, K_0 .. K_{K-1}], True where attention is allowed.
+        key_summaries, value_summaries: (N, H, P + C - 1, d): P summaries from earlier calls (a cache: the
+            "history"), then the summaries of query chunks 0..C-2 of this call. Keys are rotated.
+        history_count: None when P = 0 (plain chunk-causal attention: query chunk i sees new summaries < i),
+            else (N,) how many of the P history slots of each row are valid (all of them come before chunk 0).
     Returns (N, L, H, C, d).
     """
     num_rows, chunk_size, num_heads, num_chunks, head_dim = query.shape
@@ -289,21 +303,21 @@ def chunk_attention(
     num_keys = key_summaries.shape[2]
     own_slot = key_summaries.new_zeros(num_rows, num_heads, 1, width)
     own_slot[..., head_dim] = 1
-    key_aug = torch.cat([key_summaries, key_summaries.new_zeros(num_rows, num_heads, num_keys, width - head_dim)], -1)
-    value_aug = torch.cat(
-        [value_summaries, value_summaries.new_zeros(num_rows, num_heads, num_keys, width - head_dim)], -1
-    )
-    key_aug = torch.cat([own_slot, key_aug], dim=2)
-    value_aug = torch.cat([own_slot, value_aug], dim=2)
+    zeros = key_summaries.new_zeros(num_rows, num_heads, num_keys, width - head_dim)
+    key_aug = torch.cat([own_slot, torch.cat([key_summaries, zeros], -1)], dim=2)
+    value_aug = torch.cat([own_slot, torch.cat([value_summaries, zeros], -1)], dim=2)
     # Every token of a chunk sees the same keys: the L tokens of a chunk become L rows sharing keys and values.
-    key_aug = key_aug.unsqueeze(1).expand(-1, chunk_size, -1, -1, -1).reshape(num_rows * chunk_size, num_heads, -1, width)
-    value_aug = (
-        value_aug.unsqueeze(1).expand(-1, chunk_size, -1, -1, -1).reshape(num_rows * chunk_size, num_heads, -1, width)
-    )
-    if attention_mask is None:
-        out = F.scaled_dot_product_attention(query_aug, key_aug, value_aug, is_causal=True, scale=scale)
+    def per_token(tensor):
+        return tensor.unsqueeze(1).expand(-1, chunk_size, -1, -1, -1).reshape(num_rows * chunk_size, *tensor.shape[1:])
+
+    if history_count is None:
+        if num_keys != num_chunks - 1:
+            raise ValueError(f"Without history, {num_chunks} query chunks need {num_chunks - 1} key summaries, got {num_keys}.")
+        out = F.scaled_dot_product_attention(query_aug, per_token(key_aug), per_token(value_aug), is_causal=True, scale=scale)
     else:
-        mask = attention_mask.unsqueeze(1).expand(-1, chunk_size, -1, -1, -1).reshape(num_rows * chunk_size, 1, num_chunks, -1)
-        out = F.scaled_dot_product_attention(query_aug, key_aug, value_aug, attn_mask=mask, scale=scale)
+        mask = chunk_attention_mask(history_count, num_keys - (num_chunks - 1), num_chunks)
+        out = F.scaled_dot_product_attention(
+            query_aug, per_token(key_aug), per_token(value_aug), attn_mask=per_token(mask), scale=scale
+        )
     out = out.reshape(num_rows, chunk_size, num_heads, num_chunks, width)
     return out[..., :head_dim] + out[..., head_dim : head_dim + 1] * own_value

@@ -95,19 +95,22 @@ def test_chunk_attention_is_one_softmax_over_summaries_and_own_term(dtype, toler
     query = torch.randn(rows, chunk, heads, chunks, head_dim, requires_grad=True)
     own_score = torch.randn(rows, chunk, heads, chunks, requires_grad=True)
     own_value = torch.randn(rows, chunk, heads, chunks, head_dim, requires_grad=True)
-    num_keys = chunks - 1 if not masked else chunks + 2
+    num_history = 3 if masked else 0
+    num_keys = num_history + chunks - 1
     keys = torch.randn(rows, heads, num_keys, head_dim, requires_grad=True)
     values = torch.randn(rows, heads, num_keys, head_dim, requires_grad=True)
-    if masked:
-        allowed = torch.rand(rows, chunks, num_keys + 1) > 0.4
-        allowed[..., 0] = True
-        mask = allowed.unsqueeze(1)
-    else:
-        allowed = torch.ones(rows, chunks, num_keys + 1, dtype=torch.bool).tril()
-        mask = None
+    history_count = torch.tensor([2, 0]) if masked else None
+    # query chunk i sees: its own term, the first history_count[n] history slots, new summaries k < i
+    allowed = torch.zeros(rows, chunks, num_keys + 1, dtype=torch.bool)
+    allowed[..., 0] = True
+    for n in range(rows):
+        count = 0 if history_count is None else int(history_count[n])
+        allowed[n, :, 1 : 1 + count] = True
+        for i in range(chunks):
+            allowed[n, i, 1 + num_history : 1 + num_history + i] = True
     leaves = [query, own_score, own_value, keys, values]
     expected = _naive_chunk_attention(*leaves, allowed, 0.3)
-    actual = chunk_attention(*(t.to(dtype) if t is not own_score else t for t in leaves), mask, scale=0.3)
+    actual = chunk_attention(*(t.to(dtype) if t is not own_score else t for t in leaves), history_count, scale=0.3)
     torch.testing.assert_close(actual.float(), expected, rtol=tolerance, atol=tolerance)
     weight = torch.randn_like(expected)
     for got, want in zip(_grads(actual.float(), leaves, weight), _grads(expected, leaves, weight)):
