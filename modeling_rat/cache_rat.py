@@ -38,6 +38,7 @@ class _RecurrentCacheMixin:
         self.columns = 0
         self.record_past = False
         self.history = None  # (B, n, S, D): state after each of the last n columns, while recording
+        self.history_base = None  # (B, S, D): the state before the first of them
         self.history_valid = None  # (B, n) bool: which of those columns were real tokens
         self.is_initialized = False
         self.geometry = None
@@ -82,7 +83,7 @@ class _RecurrentCacheMixin:
         )
 
     def _tensors(self) -> list[str]:
-        return ["keys", "values", "running_state", "seen", "history", "history_valid"]
+        return ["keys", "values", "running_state", "seen", "history", "history_valid", "history_base"]
 
     def _apply_to_batch(self, function):
         for name in self._tensors():
@@ -135,6 +136,7 @@ class _RecurrentCacheMixin:
             return
         column_states = column_states.detach().to(torch.float32)
         if self.history is None:
+            self.history_base = self.running_state.detach().clone()  # the state before the first recorded column
             self.history, self.history_valid = column_states, column_valid.clone()
         else:
             self.history = torch.cat([self.history, column_states], dim=1)
@@ -166,15 +168,24 @@ class _RecurrentCacheMixin:
         self.seen = self.seen - removed_valid.to(self.seen.device)
         if kept - remove > 0:
             self.running_state = self.history[:, kept - remove - 1].to(self.running_state.device).clone()
-        else:  # back to before the first recorded column: only possible from an empty cache
-            self.running_state = torch.zeros_like(self.running_state)
+        else:  # back to the state before the first recorded column
+            self.running_state = self.history_base.to(self.running_state.device).clone()
         self.history = self.history[:, : kept - remove]
         self.history_valid = self.history_valid[:, : kept - remove]
         self.columns -= remove
         self._trim_history()
 
+    def skip_columns(self, count: int):
+        """Account for `count` padding columns: the state does not change."""
+        if self.record_past:
+            batch_size = self.running_state.shape[0]
+            repeated = self.running_state[:, None].expand(batch_size, count, *self.running_state.shape[1:])
+            self.record(repeated, torch.zeros(batch_size, count, dtype=torch.bool, device=self.running_state.device))
+        self.columns += count
+
     def _trim_history(self):
         if self.history is not None and self.history.shape[1] > self.min_rollback:
+            self.history_base = self.history[:, -self.min_rollback - 1]
             self.history = self.history[:, -self.min_rollback :]
             self.history_valid = self.history_valid[:, -self.min_rollback :]
 

@@ -172,6 +172,11 @@ class RatSequenceLayout:
         }
 
     @cached_property
+    def num_sequences(self) -> int:
+        """How many sequences (segments) have tokens in this forward."""
+        return self.valid.shape[0] if self.simple else self.segments["count"]
+
+    @cached_property
     def has_packed_rows(self) -> bool:
         if self.simple:
             return False
@@ -367,6 +372,12 @@ class RatMixer(nn.Module):
         query = self.q_proj(hidden_states)
         key = self.k_proj(hidden_states)
         implementation = resolve_rat_implementation(self.config, hidden_states.device)
+        if cache_layer is not None and not isinstance(cache_layer, RatChunkCacheLayer):
+            raise ValueError(
+                f"Layer {self.layer_idx} is a RAT layer but its cache layer is a {type(cache_layer).__name__}: the cache "
+                "belongs to another model (or was not built from this model's config). Let the model create it, or use "
+                "DynamicCache(config=model.config)."
+            )
         if implementation == "reference":
             if cache_layer is not None:
                 raise ValueError(
@@ -390,6 +401,12 @@ class RatMixer(nn.Module):
         batch_size, seq_len, hidden_size = value.shape
         heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
         dtype = value.dtype
+        if cache_layer is not None:
+            cache_layer.prepare(batch_size, heads, head_dim, chunk_size, dtype, value.device)
+        if layout.num_sequences == 0:  # only padding: nothing enters the state, outputs are never used
+            if cache_layer is not None:
+                cache_layer.skip_columns(seq_len)
+            return value.new_zeros(value.shape)
         grid = layout.chunk_grid(chunk_size)
         streams = torch.stack([value, tile_groups(key, self.num_qk_groups, heads)], dim=-2)  # (B, T, 2, D)
         gates = grid.to_grid(forget_gate, fill=1.0)  # (N, C, L, D)
@@ -397,7 +414,6 @@ class RatMixer(nn.Module):
 
         initial_state, history_keys, history_values, history_count = None, None, None, None
         if cache_layer is not None:
-            cache_layer.prepare(batch_size, heads, head_dim, chunk_size, dtype, value.device)
             if bool(grid.continues_cache.any()):
                 rows = grid.row_of_batch
                 seen = cache_layer.seen[rows]
@@ -510,14 +526,15 @@ class RatMixer(nn.Module):
             chunk,  # the first `chunk` cached summaries of each row are its earlier chunks
             scale=1.0 / math.sqrt(head_dim),
         )  # (B, 1, H, 1, d)
-        completes = valid & (index_in_chunk == chunk_size - 1)
-        rows = torch.arange(batch_size, device=value.device)
-        slot = chunk.clamp(max=capacity - 1)
-        new_key = apply_rotary(running_key, cos[:, None], sin[:, None]).to(dtype)
-        keys, values = cache_layer.keys.clone(), cache_layer.values.clone()
-        keys[rows, :, slot] = torch.where(completes[:, None, None], new_key, keys[rows, :, slot])
-        values[rows, :, slot] = torch.where(completes[:, None, None], running_value.to(dtype), values[rows, :, slot])
-        cache_layer.keys, cache_layer.values = keys, values
+        if capacity > 0:  # rows whose chunk this token completes store its summary in slot `chunk`
+            completes = valid & (index_in_chunk == chunk_size - 1)
+            rows = torch.arange(batch_size, device=value.device)
+            slot = chunk.clamp(max=capacity - 1)
+            new_key = apply_rotary(running_key, cos[:, None], sin[:, None]).to(dtype)
+            keys, values = cache_layer.keys.clone(), cache_layer.values.clone()
+            keys[rows, :, slot] = torch.where(completes[:, None, None], new_key, keys[rows, :, slot])
+            values[rows, :, slot] = torch.where(completes[:, None, None], running_value.to(dtype), values[rows, :, slot])
+            cache_layer.keys, cache_layer.values = keys, values
         running_state = torch.where(valid[:, None, None], state, cache_layer.running_state)
         cache_layer.record(running_state[:, None], valid[:, None])
         cache_layer.running_state = running_state.detach()
@@ -555,6 +572,11 @@ class RatRecurrentMixer(nn.Module):
         output_gate = torch.sigmoid(self.output_gate_proj(hidden_states))
         value = self.v_proj(hidden_states)
         forget_gate = torch.sigmoid(self.forget_gate_proj(hidden_states).float() + self.forget_gate_bias.float())
+        if cache_layer is not None and not isinstance(cache_layer, RatRecurrentCacheLayer):
+            raise ValueError(
+                f"Layer {self.layer_idx} is an rnn layer but its cache layer is a {type(cache_layer).__name__}: the "
+                "cache belongs to another model. Let the model create it, or use DynamicCache(config=model.config)."
+            )
         if resolve_rat_implementation(self.config, hidden_states.device) == "reference":
             if cache_layer is not None:
                 raise ValueError("rat_implementation='reference' runs without a cache: pass use_cache=False.")
@@ -570,6 +592,10 @@ class RatRecurrentMixer(nn.Module):
         if cache_layer is not None:
             cache_layer.prepare(batch_size, hidden_size, value.device)
             previous_state = cache_layer.running_state
+        if layout.num_sequences == 0:  # only padding
+            if cache_layer is not None:
+                cache_layer.skip_columns(seq_len)
+            return value.new_zeros(value.shape)
         if layout.simple:
             rows = torch.arange(batch_size, device=value.device)
             states = linear_recurrence(forget_gate, inputs)
@@ -650,8 +676,7 @@ class RatAttention(nn.Module):
         if cache_layer is None:
             mask = layout.attention_mask_for(None, self.sliding_window)
         else:
-            if isinstance(cache_layer, (RatChunkCacheLayer, RatRecurrentCacheLayer)):
-                raise ValueError(f"Layer {self.layer_idx} is an attention layer but its cache layer is a {type(cache_layer).__name__}: the cache belongs to another model.")
+            self._check_cache_layer(cache_layer, batch_size)
             key, value = cache_layer.update(key, value)
             total = int(cache_layer.get_seq_length())
             returned = key.shape[2]
@@ -659,6 +684,30 @@ class RatAttention(nn.Module):
             mask = layout.attention_mask_for(key_columns, self.sliding_window)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
+
+    def _check_cache_layer(self, cache_layer, batch_size):
+        kind = "sliding-window" if self.sliding_window is not None else "full"
+        is_sliding = bool(getattr(cache_layer, "is_sliding", False))
+        window = getattr(cache_layer, "sliding_window", None)
+        if isinstance(cache_layer, (RatChunkCacheLayer, RatRecurrentCacheLayer)) or is_sliding != (
+            self.sliding_window is not None
+        ) or (window is not None and self.sliding_window is not None and window != self.sliding_window):
+            raise ValueError(
+                f"Layer {self.layer_idx} is a {kind} attention layer but its cache layer is a "
+                f"{type(cache_layer).__name__}: the cache belongs to another model. Let the model create its cache."
+            )
+        keys = getattr(cache_layer, "keys", None)
+        if torch.is_tensor(keys) and keys.dim() == 4 and keys.numel() > 0:
+            if keys.shape[0] != batch_size:
+                raise ValueError(
+                    f"The cache holds {keys.shape[0]} sequences but the input has batch size {batch_size}: pass "
+                    "inputs with the cache's batch size, or start from a new cache."
+                )
+            if tuple(keys.shape[1:2]) + tuple(keys.shape[3:]) != (self.num_heads, self.head_dim):
+                raise ValueError(
+                    f"The cache of layer {self.layer_idx} holds {keys.shape[1]} heads of size {keys.shape[3]}, the model "
+                    f"has {self.num_heads} of size {self.head_dim}: the cache belongs to another model."
+                )
 
 
 MIXER_CLASSES = {
