@@ -144,10 +144,16 @@ class _RecurrentCacheMixin:
 
     def crop(self, tokens_to_remove: int) -> None:
         """
-        Remove the last `-tokens_to_remove` columns (a negative number, as transformers passes it; a non-negative
-        number is the length to keep). Exact for any rollback within the columns fed since past recording started.
+        Remove the last `-tokens_to_remove` columns (a number <= 0, as in transformers' cache layers). Exact for any
+        rollback within the columns fed since the previous `crop`, and for at least `min_rollback` columns before
+        it, once past recording is active.
         """
-        remove = -tokens_to_remove if tokens_to_remove < 0 else self.columns - tokens_to_remove
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"`crop` takes a negative number of tokens to remove, got {tokens_to_remove}: use crop(-n) to drop the "
+                "last n tokens."
+            )
+        remove = -tokens_to_remove
         if remove <= 0 or not self.is_initialized:
             self._trim_history()
             return
