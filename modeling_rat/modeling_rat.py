@@ -262,6 +262,27 @@ class ChunkGrid:
         chunk = torch.div(position, chunk_size, rounding_mode="floor") - self.first_chunk[segment]
         self.grid_index = (segment * self.num_chunks + chunk) * chunk_size + position % chunk_size
 
+    @classmethod
+    def whole_sequences(cls, layout: "RatSequenceLayout") -> "ChunkGrid":
+        """One grid row per sequence holding all its tokens as a single chunk (for recurrences over sequences)."""
+        if layout.simple:
+            return cls(layout, layout.valid.shape[1])
+        grid = cls.__new__(cls)
+        grid.layout = layout
+        segments = layout.segments
+        grid.num_rows = segments["count"]
+        grid.chunk_size = int(segments["length"].max()) if grid.num_rows else 1
+        grid.num_chunks = 1
+        grid.first_chunk = torch.zeros_like(segments["row"])
+        grid.row_of_batch = segments["row"]
+        grid.continues_cache = segments["continues_cache"]
+        grid.last_position = segments["length"] - 1  # positions counted from each sequence's first token
+        grid.token_index = layout.valid.reshape(-1).nonzero(as_tuple=True)[0]
+        segment = segments["of_token"].reshape(-1)[grid.token_index]
+        offset = layout.positions.reshape(-1)[grid.token_index] - segments["first_position"][segment]
+        grid.grid_index = segment * grid.chunk_size + offset
+        return grid
+
     @property
     def chunk_index(self) -> torch.Tensor:
         """(rows, chunks): the absolute chunk index (rotary position) of every grid chunk."""
@@ -491,7 +512,8 @@ class RatMixer(nn.Module):
         seen = cache_layer.seen.clone()
         seen[batch_rows] = seen_after
         if cache_layer.record_past:
-            cache_layer.record(_states_per_column(grid, layout, states, cache_layer.running_state), layout.valid)
+            per_token = grid.from_grid(states, seq_len)
+            cache_layer.record(_states_after_each_column(per_token, layout.valid, cache_layer.running_state), layout.valid)
         cache_layer.running_state, cache_layer.seen = running_state.detach(), seen
         cache_layer.columns += seq_len
 
@@ -543,15 +565,14 @@ class RatMixer(nn.Module):
         return attention.reshape(batch_size, 1, hidden_size)
 
 
-def _states_per_column(grid, layout, states, previous_state):
-    """(B, T, S, D): the state after each column; padding columns repeat the state before them."""
-    per_token = grid.from_grid(states, layout.valid.shape[1]).float()  # zeros at padding
-    batch_size, seq_len = layout.valid.shape
-    columns = torch.arange(seq_len, device=per_token.device).expand(batch_size, seq_len)
-    last_valid = torch.cummax(torch.where(layout.valid, columns, torch.full_like(columns, -1)), dim=1).values
+def _states_after_each_column(per_token: torch.Tensor, valid: torch.Tensor, previous_state: torch.Tensor):
+    """(B, T, S, D) state after each column, for rollback: padding columns repeat the state before them."""
+    batch_size, seq_len = valid.shape
+    columns = torch.arange(seq_len, device=valid.device).expand(batch_size, seq_len)
+    last_valid = torch.cummax(torch.where(valid, columns, torch.full_like(columns, -1)), dim=1).values
+    per_token = per_token.float()
     gathered = per_token.gather(1, last_valid.clamp(min=0)[:, :, None, None].expand_as(per_token))
-    before_any = (last_valid < 0)[:, :, None, None]
-    return torch.where(before_any, previous_state[:, None].to(per_token.dtype), gathered)
+    return torch.where((last_valid < 0)[:, :, None, None], previous_state[:, None].to(gathered.dtype), gathered)
 
 
 class RatRecurrentMixer(nn.Module):
@@ -581,71 +602,54 @@ class RatRecurrentMixer(nn.Module):
             if cache_layer is not None:
                 raise ValueError("rat_implementation='reference' runs without a cache: pass use_cache=False.")
             state = rnn_reference(value, forget_gate, layout.positions, layout.valid)
+        elif cache_layer is not None and hidden_states.shape[1] == 1 and cache_layer.is_initialized:
+            state = self._decode_step(value, forget_gate, layout, cache_layer)
         else:
             state = self._scan(value, forget_gate, layout, cache_layer)
         return self.o_proj(output_gate * state)
 
     def _scan(self, value, forget_gate, layout, cache_layer):
+        """Any number of tokens: `linear_recurrence` over each sequence, continuing the cache's state."""
         batch_size, seq_len, hidden_size = value.shape
         inputs = ((1 - forget_gate) * value.float()).unsqueeze(-2)  # (B, T, 1, D)
-        previous_state = None
         if cache_layer is not None:
             cache_layer.prepare(batch_size, hidden_size, value.device)
-            previous_state = cache_layer.running_state
         if layout.num_sequences == 0:  # only padding
             if cache_layer is not None:
                 cache_layer.skip_columns(seq_len)
             return value.new_zeros(value.shape)
-        if layout.simple:
-            rows = torch.arange(batch_size, device=value.device)
-            states = linear_recurrence(forget_gate, inputs)
-            per_token = states
-            continues = torch.zeros(batch_size, dtype=torch.bool, device=value.device)
-            last_index = torch.full((batch_size,), seq_len - 1, device=value.device)
-        else:
-            segments = layout.segments
-            rows, continues = segments["row"], segments["continues_cache"]
-            num_rows = segments["count"]
-            longest = int(segments["length"].max()) if num_rows else 1
-            token_index = layout.valid.reshape(-1).nonzero(as_tuple=True)[0]
-            segment = segments["of_token"].reshape(-1)[token_index]
-            offset = layout.positions.reshape(-1)[token_index] - segments["first_position"][segment]
-            grid_index = segment * longest + offset
-            gates = forget_gate.new_ones(num_rows * longest, hidden_size).index_copy(
-                0, grid_index, forget_gate.reshape(-1, hidden_size)[token_index]
-            ).reshape(num_rows, longest, hidden_size)
-            grid_inputs = inputs.new_zeros(num_rows * longest, 1, hidden_size).index_copy(
-                0, grid_index, inputs.reshape(-1, 1, hidden_size)[token_index]
-            ).reshape(num_rows, longest, 1, hidden_size)
-            initial = None
-            if previous_state is not None and bool(continues.any()):
-                initial = torch.where(continues[:, None, None], previous_state[rows], 0.0)
-            states = linear_recurrence(gates, grid_inputs, initial)
-            per_token = states.new_zeros(batch_size * seq_len, 1, hidden_size).index_copy(
-                0, token_index, states.reshape(-1, 1, hidden_size)[grid_index]
-            ).reshape(batch_size, seq_len, 1, hidden_size)
-            last_index = segments["length"] - 1
+        grid = ChunkGrid.whole_sequences(layout)
+        gates = grid.to_grid(forget_gate, fill=1.0)[:, 0]  # (N, longest, D)
+        grid_inputs = grid.to_grid(inputs)[:, 0]  # (N, longest, 1, D)
+        initial = None
+        if cache_layer is not None and bool(grid.continues_cache.any()):
+            initial = torch.where(grid.continues_cache[:, None, None], cache_layer.running_state[grid.row_of_batch], 0.0)
+        states = linear_recurrence(gates, grid_inputs, initial)  # (N, longest, 1, D)
+        per_token = grid.from_grid(states.unsqueeze(1), seq_len)  # (B, T, 1, D)
         if cache_layer is not None:
-            last_states = states[torch.arange(states.shape[0], device=value.device), last_index]  # (N, 1, D)
+            last_states = grid.last_token(states.unsqueeze(1))  # (N, 1, D)
             running_state = cache_layer.running_state.clone()
-            running_state[rows] = last_states.to(running_state.dtype)
-            counts = torch.zeros(batch_size, dtype=torch.long, device=value.device).index_add(
-                0, torch.arange(batch_size, device=value.device), layout.valid.long().sum(1)
-            )
+            running_state[grid.row_of_batch] = last_states.to(running_state.dtype)
             if cache_layer.record_past:
-                cache_layer.record(_forward_fill(per_token, layout.valid, cache_layer.running_state), layout.valid)
+                cache_layer.record(_states_after_each_column(per_token, layout.valid, cache_layer.running_state), layout.valid)
             cache_layer.running_state = running_state.detach()
-            cache_layer.seen = cache_layer.seen + counts
+            cache_layer.seen = cache_layer.seen + layout.valid.long().sum(1)
             cache_layer.columns += seq_len
         return per_token[:, :, 0].to(value.dtype)
 
-
-def _forward_fill(per_token, valid, previous_state):
-    batch_size, seq_len = valid.shape
-    columns = torch.arange(seq_len, device=valid.device).expand(batch_size, seq_len)
-    last_valid = torch.cummax(torch.where(valid, columns, torch.full_like(columns, -1)), dim=1).values
-    gathered = per_token.gather(1, last_valid.clamp(min=0)[:, :, None, None].expand_as(per_token))
-    return torch.where((last_valid < 0)[:, :, None, None], previous_state[:, None].to(gathered.dtype), gathered)
+    def _decode_step(self, value, forget_gate, layout, cache_layer):
+        """One new column per row on top of the cache's state."""
+        batch_size, _, hidden_size = value.shape
+        cache_layer.prepare(batch_size, hidden_size, value.device)
+        valid = layout.valid[:, 0]
+        gate = forget_gate[:, :1]  # (B, 1, D)
+        state = gate * cache_layer.running_state + (1 - gate) * value[:, :1].float()
+        running_state = torch.where(valid[:, None, None], state, cache_layer.running_state)
+        cache_layer.record(running_state[:, None], valid[:, None])
+        cache_layer.running_state = running_state.detach()
+        cache_layer.seen = cache_layer.seen + valid.long()
+        cache_layer.columns += 1
+        return state.to(value.dtype)
 
 
 class RatAttention(nn.Module):
