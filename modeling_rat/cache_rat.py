@@ -181,6 +181,22 @@ class _RecurrentCacheMixin:
         self.columns -= remove
         self._trim_history()
 
+    def commit(self, running_state, seen, num_columns, column_states=None, column_valid=None):
+        """
+        Store what a forward leaves behind: the state after each row's last real token, the real-token counts, and
+        `num_columns` more columns (padding included). `column_states` (B, T, S, D), the state after each new
+        column, is recorded for rollback when recording is active. Updates are in place, so that the buffers keep
+        their addresses (compiled decoding).
+        """
+        if self.record_past and column_states is not None:
+            self.record(column_states, column_valid)
+        self.running_state.copy_(running_state.detach())
+        self.seen.copy_(seen)
+        self.columns += num_columns
+
+    def reserve(self, num_new_columns: int):
+        """Make room for `num_new_columns` more columns (chunk summaries grow with them; see the RAT layer)."""
+
     def skip_columns(self, count: int):
         """Account for `count` padding columns: the state does not change."""
         if self.record_past:
@@ -231,6 +247,10 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
             self.keys = torch.zeros(batch_size, num_heads, 0, head_dim, dtype=dtype, device=device)
             self.values = torch.zeros(batch_size, num_heads, 0, head_dim, dtype=dtype, device=device)
 
+    def reserve(self, num_new_columns: int):
+        """Grow the summary buffers so that `num_new_columns` more columns fit: one slot per chunk they complete."""
+        self.ensure_capacity((self.columns + num_new_columns) // self.chunk_size)
+
     def ensure_capacity(self, num_chunks: int):
         """Grow the summary buffers to hold at least `num_chunks` chunks per row."""
         missing = num_chunks - self.keys.shape[2]
@@ -238,6 +258,11 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
             pad = self.keys.new_zeros(*self.keys.shape[:2], missing, self.keys.shape[3])
             self.keys = torch.cat([self.keys, pad], dim=2)
             self.values = torch.cat([self.values, pad], dim=2)
+
+    def write_summaries(self, rows, slots, key_summaries, value_summaries):
+        """Store chunk summaries (n, H, d) at (rows[i], :, slots[i]), in place."""
+        self.keys[rows, :, slots] = key_summaries.to(self.keys.dtype)
+        self.values[rows, :, slots] = value_summaries.to(self.values.dtype)
 
     def completed_chunks(self) -> torch.Tensor:
         return torch.div(self.seen, self.chunk_size, rounding_mode="floor")
@@ -272,23 +297,27 @@ class RatStaticChunkCacheLayer(RatChunkCacheLayer, StaticLayer):
         self._init_recurrent_fields()
         self.max_cache_len = max_cache_len
 
+    def _init_recurrent_fields(self):
+        super()._init_recurrent_fields()
+        # A tensor, updated in place: compiled decoding then neither reads it on the host nor recompiles per token.
+        self.columns = torch.zeros((), dtype=torch.long)
+
     def prepare(self, batch_size, num_heads, head_dim, chunk_size, dtype, device):
         fresh = not self.is_initialized
         super().prepare(batch_size, num_heads, head_dim, chunk_size, dtype, device)
         if fresh:
-            self.ensure_capacity(self.max_cache_len // chunk_size + 1)
+            self.columns = self.columns.to(device)
+            RatChunkCacheLayer.ensure_capacity(self, self.max_cache_len // chunk_size + 1)
 
-    def ensure_capacity(self, num_chunks: int):
-        if self.keys.shape[2] >= num_chunks:
-            return
-        if self.keys.shape[2] > 0:
+    def reserve(self, num_new_columns: int):
+        """Preallocated: checked only outside compiled code (reading the count would sync the device)."""
+        if not torch.compiler.is_compiling() and int(self.columns) + num_new_columns > self.max_cache_len:
             raise ValueError(
-                f"The static cache was sized for {self.max_cache_len} tokens ({self.keys.shape[2]} chunks); this input "
-                "needs more. Create it with a larger `max_cache_len`."
+                f"The static cache holds at most {self.max_cache_len} tokens; {int(self.columns)} are cached and "
+                f"{num_new_columns} more were given. Create it with a larger `max_cache_len`."
             )
-        RatChunkCacheLayer.ensure_capacity(self, num_chunks)
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self):
         return self.columns
 
     def get_max_length(self) -> int:
@@ -297,15 +326,22 @@ class RatStaticChunkCacheLayer(RatChunkCacheLayer, StaticLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.max_cache_len, 0
 
+    @property
+    def is_croppable(self) -> bool:
+        return False  # preallocated for compiled decoding; rollback needs the dynamic cache
+
     def reset(self) -> None:
-        keys, values = self.keys, self.values
-        RatChunkCacheLayer.reset(self)
-        if keys is not None:  # keep the buffers (fixed addresses for compiled code), emptied
-            self.keys, self.values = keys.zero_(), values.zero_()
+        """Empty the cache, keeping its buffers (fixed addresses for compiled code)."""
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+            self.running_state.zero_()
+            self.seen.zero_()
+            self.columns.zero_()
 
 
 class RatStaticRecurrentCacheLayer(RatRecurrentCacheLayer, StaticLayer):
-    """Preallocated rnn cache layer: its state has a fixed shape already."""
+    """rnn cache layer for compiled decoding: its state has a fixed shape already; the count is a tensor."""
 
     _layer_type = "rnn"
     is_compileable = True
@@ -315,7 +351,27 @@ class RatStaticRecurrentCacheLayer(RatRecurrentCacheLayer, StaticLayer):
         self._init_recurrent_fields()
         self.max_cache_len = max_cache_len
 
-    def get_seq_length(self) -> int:
+    def _init_recurrent_fields(self):
+        super()._init_recurrent_fields()
+        self.columns = torch.zeros((), dtype=torch.long)
+
+    def prepare(self, batch_size, hidden_size, device):
+        fresh = not self.is_initialized
+        super().prepare(batch_size, hidden_size, device)
+        if fresh:
+            self.columns = self.columns.to(device)
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.running_state.zero_()
+            self.seen.zero_()
+            self.columns.zero_()
+
+    def get_seq_length(self):
         return self.columns
 
     def get_max_length(self) -> int:

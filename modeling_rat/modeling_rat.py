@@ -15,7 +15,6 @@ This folder's files are copied next to saved weights, so that `trust_remote_code
 
 import math
 from dataclasses import fields
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +77,8 @@ class RatSequenceLayout:
         self.past_columns = past_columns  # tokens the cache holds per row, padding included
         self.key_valid = key_valid  # (B, past + T): which columns are real tokens (attention layers)
         self.key_positions = key_positions  # (B, past + T): their positions
+        self._segments = None
+        self._chunk_grids = {}
 
     @classmethod
     def build(cls, batch_size, seq_len, device, attention_mask=None, position_ids=None, past_columns=0, has_padding=False):
@@ -129,8 +130,13 @@ class RatSequenceLayout:
 
     # -------------------------------------------------------------------------------------------- segments
 
-    @cached_property
+    @property
     def segments(self) -> dict:
+        if self._segments is None:
+            self._segments = self._find_segments()
+        return self._segments
+
+    def _find_segments(self) -> dict:
         """The sequences ("segments") of the batch: row, first position and length of each, and each token's one."""
         valid, positions = self.valid, self.positions
         batch_size, seq_len = valid.shape
@@ -171,22 +177,21 @@ class RatSequenceLayout:
             "continues_cache": continues_cache,
         }
 
-    @cached_property
+    @property
     def num_sequences(self) -> int:
         """How many sequences (segments) have tokens in this forward."""
         return self.valid.shape[0] if self.simple else self.segments["count"]
 
-    @cached_property
+    @property
     def has_packed_rows(self) -> bool:
-        if self.simple:
+        if self.simple or self.valid.shape[1] == 1:
             return False
         return self.segments["count"] > int(self.valid.any(dim=1).sum())
 
     def chunk_grid(self, chunk_size: int) -> "ChunkGrid":
-        grids = self.__dict__.setdefault("_chunk_grids", {})
-        if chunk_size not in grids:
-            grids[chunk_size] = ChunkGrid(self, chunk_size)
-        return grids[chunk_size]
+        if chunk_size not in self._chunk_grids:
+            self._chunk_grids[chunk_size] = ChunkGrid(self, chunk_size)
+        return self._chunk_grids[chunk_size]
 
     def attention_mask_for(self, key_columns: torch.Tensor | None, sliding_window: int | None):
         """
@@ -473,49 +478,35 @@ class RatMixer(nn.Module):
         )  # (N, L, H, C, d)
         attention = attention.permute(0, 3, 1, 2, 4).reshape(num_rows, num_chunks, chunk_size, hidden_size)
         if cache_layer is not None:
-            self._store(cache_layer, grid, layout, states, key_summaries, value_summaries, history_count)
+            self._store(cache_layer, grid, layout, states, key_summaries, value_summaries)
         return grid.from_grid(attention, seq_len)
 
-    def _store(self, cache_layer, grid, layout, states, key_summaries, value_summaries, history_count):
+    def _store(self, cache_layer, grid, layout, states, key_summaries, value_summaries):
         """Write what the tokens of this call leave behind into the cache: new chunk summaries and running state."""
-        chunk_size = self.chunk_size
-        batch_size, seq_len = layout.valid.shape
-        rows = grid.row_of_batch
-        # Only each row's last sequence continues (packed rows with a cache were refused by the layout).
-        last_of_row = torch.zeros(batch_size, dtype=torch.long, device=rows.device).scatter_reduce(
-            0, rows, torch.arange(grid.num_rows, device=rows.device), reduce="amax", include_self=False
-        )
-        has_tokens = torch.zeros(batch_size, dtype=torch.bool, device=rows.device)
-        has_tokens[rows] = True
-        segment = last_of_row[has_tokens]
-        batch_rows = has_tokens.nonzero(as_tuple=True)[0]
-        seen_after = grid.last_position[segment] + 1
-        completed_after = torch.div(seen_after, chunk_size, rounding_mode="floor")
-        new_completed = completed_after - grid.first_chunk[segment]
-        cache_layer.ensure_capacity((cache_layer.columns + seq_len) // chunk_size)
-        max_new = int(new_completed.max()) if batch_rows.numel() else 0
-        if max_new > 0:
-            slot_offsets = torch.arange(max_new, device=rows.device)
-            take = slot_offsets[None, :] < new_completed[:, None]
-            row_index = batch_rows[:, None].expand(-1, max_new)[take]
-            slot_index = (grid.first_chunk[segment][:, None] + slot_offsets[None, :])[take]
-            source_rows = segment[:, None].expand(-1, max_new)[take]
-            source_chunks = slot_offsets[None, :].expand(len(segment), -1)[take]
-            keys = cache_layer.keys.clone()
-            values = cache_layer.values.clone()
-            keys[row_index, :, slot_index] = key_summaries[source_rows, source_chunks]
-            values[row_index, :, slot_index] = value_summaries[source_rows, source_chunks]
-            cache_layer.keys, cache_layer.values = keys, values
-        last_states = grid.last_token(states)  # (N, 2, D)
+        seq_len = layout.valid.shape[1]
+        rows = grid.row_of_batch  # one grid row per batch row with tokens (packed rows cannot use a cache)
+        seen_after = grid.last_position + 1
+        new_completed = torch.div(seen_after, self.chunk_size, rounding_mode="floor") - grid.first_chunk
+        cache_layer.reserve(seq_len)
+        most_completed = int(new_completed.max())
+        if most_completed > 0:
+            offsets = torch.arange(most_completed, device=rows.device)
+            take = offsets[None, :] < new_completed[:, None]
+            grid_rows = torch.arange(grid.num_rows, device=rows.device)[:, None].expand(-1, most_completed)[take]
+            chunks = offsets[None, :].expand(grid.num_rows, -1)[take]
+            cache_layer.write_summaries(
+                rows[grid_rows], grid.first_chunk[grid_rows] + chunks,
+                key_summaries[grid_rows, chunks], value_summaries[grid_rows, chunks],
+            )
         running_state = cache_layer.running_state.clone()
-        running_state[batch_rows] = last_states[segment].to(running_state.dtype)
+        running_state[rows] = grid.last_token(states).to(running_state.dtype)
         seen = cache_layer.seen.clone()
-        seen[batch_rows] = seen_after
+        seen[rows] = seen_after
+        column_states = None
         if cache_layer.record_past:
             per_token = grid.from_grid(states, seq_len)
-            cache_layer.record(_states_after_each_column(per_token, layout.valid, cache_layer.running_state), layout.valid)
-        cache_layer.running_state, cache_layer.seen = running_state.detach(), seen
-        cache_layer.columns += seq_len
+            column_states = _states_after_each_column(per_token, layout.valid, cache_layer.running_state)
+        cache_layer.commit(running_state, seen, seq_len, column_states, layout.valid)
 
     def _decode_step(self, query, key, value, forget_gate, layout, cache_layer):
         """One new column per row on top of the cache: O(chunks) work, no recomputation of the prefix."""
@@ -523,7 +514,7 @@ class RatMixer(nn.Module):
         heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
         dtype = value.dtype
         cache_layer.prepare(batch_size, heads, head_dim, chunk_size, dtype, value.device)
-        cache_layer.ensure_capacity((cache_layer.columns + 1) // chunk_size)
+        cache_layer.reserve(1)
         valid = layout.valid[:, 0]
         seen = cache_layer.seen
         index_in_chunk = seen % chunk_size
@@ -549,19 +540,17 @@ class RatMixer(nn.Module):
             scale=1.0 / math.sqrt(head_dim),
         )  # (B, 1, H, 1, d)
         if capacity > 0:  # rows whose chunk this token completes store its summary in slot `chunk`
-            completes = valid & (index_in_chunk == chunk_size - 1)
+            completes = (valid & (index_in_chunk == chunk_size - 1))[:, None, None]
             rows = torch.arange(batch_size, device=value.device)
             slot = chunk.clamp(max=capacity - 1)
-            new_key = apply_rotary(running_key, cos[:, None], sin[:, None]).to(dtype)
-            keys, values = cache_layer.keys.clone(), cache_layer.values.clone()
-            keys[rows, :, slot] = torch.where(completes[:, None, None], new_key, keys[rows, :, slot])
-            values[rows, :, slot] = torch.where(completes[:, None, None], running_value.to(dtype), values[rows, :, slot])
-            cache_layer.keys, cache_layer.values = keys, values
+            new_key = apply_rotary(running_key, cos[:, None], sin[:, None])
+            cache_layer.write_summaries(
+                rows, slot,
+                torch.where(completes, new_key.to(dtype), cache_layer.keys[rows, :, slot]),
+                torch.where(completes, running_value.to(dtype), cache_layer.values[rows, :, slot]),
+            )
         running_state = torch.where(valid[:, None, None], state, cache_layer.running_state)
-        cache_layer.record(running_state[:, None], valid[:, None])
-        cache_layer.running_state = running_state.detach()
-        cache_layer.seen = seen + valid.long()
-        cache_layer.columns += 1
+        cache_layer.commit(running_state, seen + valid.long(), 1, running_state[:, None], valid[:, None])
         return attention.reshape(batch_size, 1, hidden_size)
 
 
@@ -627,14 +616,13 @@ class RatRecurrentMixer(nn.Module):
         states = linear_recurrence(gates, grid_inputs, initial)  # (N, longest, 1, D)
         per_token = grid.from_grid(states.unsqueeze(1), seq_len)  # (B, T, 1, D)
         if cache_layer is not None:
-            last_states = grid.last_token(states.unsqueeze(1))  # (N, 1, D)
             running_state = cache_layer.running_state.clone()
-            running_state[grid.row_of_batch] = last_states.to(running_state.dtype)
+            running_state[grid.row_of_batch] = grid.last_token(states.unsqueeze(1)).to(running_state.dtype)
+            column_states = None
             if cache_layer.record_past:
-                cache_layer.record(_states_after_each_column(per_token, layout.valid, cache_layer.running_state), layout.valid)
-            cache_layer.running_state = running_state.detach()
-            cache_layer.seen = cache_layer.seen + layout.valid.long().sum(1)
-            cache_layer.columns += seq_len
+                column_states = _states_after_each_column(per_token, layout.valid, cache_layer.running_state)
+            seen = cache_layer.seen + layout.valid.long().sum(1)
+            cache_layer.commit(running_state, seen, seq_len, column_states, layout.valid)
         return per_token[:, :, 0].to(value.dtype)
 
     def _decode_step(self, value, forget_gate, layout, cache_layer):
@@ -645,10 +633,7 @@ class RatRecurrentMixer(nn.Module):
         gate = forget_gate[:, :1]  # (B, 1, D)
         state = gate * cache_layer.running_state + (1 - gate) * value[:, :1].float()
         running_state = torch.where(valid[:, None, None], state, cache_layer.running_state)
-        cache_layer.record(running_state[:, None], valid[:, None])
-        cache_layer.running_state = running_state.detach()
-        cache_layer.seen = cache_layer.seen + valid.long()
-        cache_layer.columns += 1
+        cache_layer.commit(running_state, cache_layer.seen + valid.long(), 1, running_state[:, None], valid[:, None])
         return state.to(value.dtype)
 
 
@@ -682,7 +667,7 @@ class RatAttention(nn.Module):
         else:
             self._check_cache_layer(cache_layer, batch_size)
             key, value = cache_layer.update(key, value)
-            total = int(cache_layer.get_seq_length())
+            total = layout.past_columns + seq_len  # columns the cache holds now
             returned = key.shape[2]
             key_columns = max(total - returned, 0) + torch.arange(returned, device=key.device)
             mask = layout.attention_mask_for(key_columns, self.sliding_window)
@@ -842,8 +827,18 @@ class RatModel(RatPreTrainedModel):
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"`cache` must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}.")
 
-        past_columns = cache.get_seq_length() if cache is not None else 0
-        past_columns = int(past_columns)
+        if cache is None:
+            past_columns = 0
+        elif attention_mask is not None and attention_mask.dim() == 2:  # no device sync (compiled decoding)
+            past_columns = attention_mask.shape[1] - seq_len
+            if not torch.compiler.is_compiling() and past_columns != int(cache.get_seq_length()):
+                raise ValueError(
+                    f"`attention_mask` has {attention_mask.shape[1]} columns but the cache holds "
+                    f"{int(cache.get_seq_length())} tokens and {seq_len} are new: the mask must cover both "
+                    f"(expected ({batch_size}, {int(cache.get_seq_length()) + seq_len}))."
+                )
+        else:
+            past_columns = int(cache.get_seq_length())
         layout = RatSequenceLayout.build(
             batch_size, seq_len, inputs_embeds.device, attention_mask, position_ids, past_columns,
             has_padding=bool(getattr(cache, "_rat_has_padding", False)),
@@ -861,8 +856,8 @@ class RatModel(RatPreTrainedModel):
                     f"The cache has {len(cache.layers)} layers but the model has {self.config.num_hidden_layers}: it "
                     "belongs to another model."
                 )
-            if layout.key_valid is not None and not bool(layout.key_valid.all()):
-                cache._rat_has_padding = True
+            if seq_len > 1 and layout.key_valid is not None and not bool(layout.key_valid.all()):
+                cache._rat_has_padding = True  # later calls must bring the mask (checked in the layout)
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None

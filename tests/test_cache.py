@@ -242,3 +242,53 @@ def test_position_ids_that_do_not_continue_the_cache_are_refused():
     _, cache = run_in_pieces(model, random_ids(2, 9), [9])
     with pytest.raises(ValueError, match="continue"):
         model(random_ids(2, 3), cache=cache, position_ids=torch.arange(3)[None].expand(2, -1))
+
+
+# ---------------------------------------------------------------------------------------------- static cache
+
+
+@pytest.mark.parametrize("pattern", CACHE_PATTERNS)
+def test_static_cache_generation_equals_dynamic(pattern):
+    model = model_for(pattern)
+    ids = random_ids(2, 9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        static = model.generate(ids, cache_implementation="static", **kwargs)
+        dynamic = model.generate(ids, **kwargs)
+    assert torch.equal(static, dynamic)
+
+
+@pytest.mark.parametrize("pattern", CACHE_PATTERNS)
+def test_compiled_decode_step_with_a_static_cache_does_not_recompile_per_token(pattern):
+    """Dynamo traces the decode step once for a fixed mask length, once more when the length becomes dynamic,
+    then never again: no graph breaks, no per-token recompilation (checked with a counting backend, which
+    exercises exactly what torch.compile's front end does without paying for code generation)."""
+    from torch._dynamo.testing import CompileCounter
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    model = model_for(pattern)
+    ids = random_ids(2, 7)
+    counter = CompileCounter()
+    compiled_forward = torch.compile(model.forward, backend=counter)
+
+    def decode(forward, steps=12):
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        with torch.no_grad():
+            out = model(ids, cache=cache, attention_mask=torch.ones_like(ids))
+            token, tokens = out.logits[:, -1:].argmax(-1), []
+            for step in range(steps):
+                mask = torch.ones(2, ids.shape[1] + step + 1, dtype=torch.long)
+                out = forward(token, attention_mask=mask, cache=cache)
+                token = out.logits[:, -1:].argmax(-1)
+                tokens.append(token)
+        return torch.cat(tokens, dim=1)
+
+    eager = decode(model.forward)
+    compiled = decode(compiled_forward)
+    assert torch.equal(compiled, eager)
+    assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 12 decode steps"
+    again = decode(compiled_forward)  # a new cache object of the same shapes reuses the compiled code
+    assert torch.equal(again, eager) and counter.frame_count <= 2
