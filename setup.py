@@ -29,7 +29,7 @@ setup(
     packages=["configuration_rat", "modeling_rat"],
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.16,<6",
+        "transformers>=5.18,<6",
         "accelerate>=1.0",
         "safetensors>=0.4",
         "huggingface_hub>=1.0",

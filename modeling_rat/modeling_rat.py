@@ -665,7 +665,7 @@ class RatAttention(nn.Module):
         if cache_layer is None:
             mask = layout.attention_mask_for(None, self.sliding_window)
         else:
-            self._check_cache_layer(cache_layer, batch_size)
+            self._check_cache_layer(cache_layer, batch_size, layout.past_columns)
             key, value = cache_layer.update(key, value)
             total = layout.past_columns + seq_len  # columns the cache holds now
             returned = key.shape[2]
@@ -674,7 +674,7 @@ class RatAttention(nn.Module):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
 
-    def _check_cache_layer(self, cache_layer, batch_size):
+    def _check_cache_layer(self, cache_layer, batch_size, past_columns):
         kind = "sliding-window" if self.sliding_window is not None else "full"
         is_sliding = bool(getattr(cache_layer, "is_sliding", False))
         window = getattr(cache_layer, "sliding_window", None)
@@ -684,6 +684,11 @@ class RatAttention(nn.Module):
             raise ValueError(
                 f"Layer {self.layer_idx} is a {kind} attention layer but its cache layer is a "
                 f"{type(cache_layer).__name__}: the cache belongs to another model. Let the model create its cache."
+            )
+        if not cache_layer.is_compileable and int(cache_layer.get_seq_length()) != past_columns:
+            raise ValueError(
+                f"The cache layers disagree: layer {self.layer_idx} holds {int(cache_layer.get_seq_length())} tokens, "
+                f"the cache {past_columns}. Was the cache modified by hand? Start from a new cache."
             )
         keys = getattr(cache_layer, "keys", None)
         if torch.is_tensor(keys) and keys.dim() == 4 and keys.numel() > 0:

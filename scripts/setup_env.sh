@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Create (or reuse) the virtual environment .venv in the repository root and install rat-transformers into it.
-# On machines without CUDA the CPU build of torch is installed first, so that no multi-GB CUDA build is pulled.
+# Create (or reuse) a virtual environment (default .venv in the repository root) and install rat-transformers into
+# it. On machines without CUDA the CPU build of torch is installed first, so that no multi-GB CUDA build is pulled.
+#   VENV=.venv-oldest EXTRA_PINS="transformers==5.18.0" bash scripts/setup_env.sh   # another environment
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv with $($PYTHON --version)"
-  "$PYTHON" -m venv .venv
+VENV="${VENV:-.venv}"
+EXTRA_PINS="${EXTRA_PINS:-}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
 fi
-VENV_PY="$ROOT/.venv/bin/python"
+VENV_PY="$ROOT/$VENV/bin/python"
 if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     echo "[setup] CUDA found: installing torch with CUDA support"
@@ -20,10 +23,11 @@ if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
       || "$VENV_PY" -m pip install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-STAMP=".venv/.rat-installed"
-if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ]; then
-  echo "[setup] installing rat-transformers[dev] (editable) and its dependencies"
-  "$VENV_PY" -m pip install -q -e ".[dev]"
+STAMP="$VENV/.rat-installed"
+if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ] || [ "$(cat "$STAMP")" != "$EXTRA_PINS" ]; then
+  echo "[setup] installing rat-transformers[dev] (editable) ${EXTRA_PINS:+with $EXTRA_PINS }into $VENV"
+  # shellcheck disable=SC2086
+  "$VENV_PY" -m pip install -q -e ".[dev]" $EXTRA_PINS
   if command -v nvidia-smi >/dev/null 2>&1; then "$VENV_PY" -m pip install -q -e ".[triton]"; fi
-  touch "$STAMP"
+  echo -n "$EXTRA_PINS" > "$STAMP"
 fi

@@ -128,7 +128,7 @@ def test_crop_rolls_back_exactly(pattern, rollback):
     prefix = 45 - rollback - 3
     _, cache = run_in_pieces(model, ids, [prefix])
     cache.activate_past_recording()
-    assert cache.is_croppable
+    assert all(layer.is_croppable for layer in cache.layers)
     # feed tokens that will be rejected, then roll back and feed the true continuation
     wrong = random_ids(2, rollback, seed=99)
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_crop_rolls_back_exactly(pattern, rollback):
 def test_crop_without_recording_is_refused_clearly():
     model = model_for("rat")
     _, cache = run_in_pieces(model, random_ids(1, 10), [10])
-    assert not cache.is_croppable
+    assert not cache.layers[0].is_croppable
     with pytest.raises(ValueError, match="activate_past_recording"):
         cache.crop(-2)
 
