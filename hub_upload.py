@@ -39,6 +39,9 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+# The Hub API calls, imported here so that tests can replace them on this module (no network in tests).
+from huggingface_hub import create_branch, create_repo, get_token, repo_info, upload_folder
+
 
 logger = logging.getLogger("hub_upload")
 
@@ -147,7 +150,9 @@ def isolated_check_main(argv) -> int:
     if (Path(folder) / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # AutoTokenizer reads config.json to choose the tokenizer class; without the package only the folder's
+        # code can read a RAT config, hence trust_remote_code here too.
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
         result["tokenizer_size"] = len(tokenizer)
         result["tokenizer_round_trip"] = tokenizer.decode(tokenizer("Hello world").input_ids, skip_special_tokens=True)
     snippet = probe.get("snippet")
@@ -388,7 +393,7 @@ def usage_snippet(repo_id: str, has_tokenizer: bool, vocab_size: int) -> str:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             repo_id = "{repo_id}"
-            tokenizer = AutoTokenizer.from_pretrained(repo_id)
+            tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=True)
             model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True)
 
             inputs = tokenizer("The capital of France is", return_tensors="pt")
@@ -493,14 +498,20 @@ def model_card(
         "## Usage",
         "",
         "The model's code is in this repository (`modeling_rat.py` and the files it imports), hence",
-        "`trust_remote_code=True`; it needs only `torch` and `transformers`.",
+        "`trust_remote_code=True`; it needs only `torch` and `transformers`."
+        + (
+            " The tokenizer needs it too: transformers reads the model's configuration to pick the tokenizer class, "
+            "and that configuration is part of the code."
+            if has_tokenizer
+            else ""
+        ),
         "",
         "```python",
         usage_snippet(repo_id, has_tokenizer, config.vocab_size).rstrip("\n"),
         "```",
         "",
-        "With `pip install rat-transformers` and `import modeling_rat`, the same model loads with the installed code",
-        "instead (no `trust_remote_code` needed).",
+        "With the `rat-transformers` package installed, `import modeling_rat` registers RAT with the Auto classes: the",
+        "same calls then use the installed code, and `trust_remote_code` is not needed.",
         "",
         "## Architecture",
         "",
@@ -519,7 +530,7 @@ def model_card(
         )
     lines += [
         f"| Vocabulary | {config.vocab_size} |",
-        f"| Training context | {config.max_position_embeddings} tokens |",
+        f"| Context length | {config.max_position_embeddings} tokens (`max_position_embeddings`; rotary positions do not cap it) |",
         f"| Weights | safetensors, {dtype} |",
         "",
     ]
@@ -624,6 +635,11 @@ def validate_staged_folder(model, staging_dir, timeout: float | None = None) -> 
     problems = compare_outputs(reference, loaded, probe["attention_mask"], next(model.parameters()).dtype)
     if not loaded["model_class"].startswith("transformers_modules."):
         problems.append(f"the model class came from {loaded['model_class']}, not from the folder's code")
+    if (staging_dir / "tokenizer_config.json").is_file():
+        size = loaded.get("tokenizer_size")
+        if size is None or size > model.config.vocab_size:
+            problems.append(f"the staged tokenizer has {size} tokens for a vocabulary of {model.config.vocab_size}")
+    logger.info(f"The model card's usage snippet ran against the staged folder; it printed: {loaded.get('snippet_output', '').strip()[:200]}")
     if problems:
         raise HubUploadError("Validation failed, nothing was uploaded:\n  - " + "\n  - ".join(problems))
     return loaded
@@ -683,8 +699,6 @@ def hub_error_message(error: BaseException, repo_id: str, revision: str | None =
 
 
 def resolve_token(token: str | None) -> str:
-    from huggingface_hub import get_token
-
     token = token or get_token()
     if not token:
         raise HubUploadError(
@@ -702,8 +716,6 @@ def upload_staged_folder(
     commit_message: str = "Upload RAT model",
 ):
     """Create the repo if needed and upload the staged folder as one commit; returns the commit info."""
-    from huggingface_hub import create_branch, create_repo, repo_info, upload_folder
-
     try:
         repo_id = create_repo(repo_id, token=token, private=private or None, exist_ok=True, repo_type="model").repo_id
         if private and not repo_info(repo_id, token=token, repo_type="model").private:
