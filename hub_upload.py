@@ -127,7 +127,20 @@ def isolated_check_main(argv) -> int:
 
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.dynamic_module_utils import check_imports
 
+    # Loading from a local folder checks the imports of the requested module only; loading from the Hub checks every
+    # file of the bundle. Check them all here, so that a kernel module whose guarded import works locally but whose
+    # own `import triton` is unguarded is caught before it breaks loading from the Hub.
+    for module_file in sorted(Path(folder).glob("*.py")):
+        try:
+            check_imports(module_file)
+        except ImportError as error:
+            missing = getattr(error, "name", None) or str(error)
+            raise ImportError(
+                f"{module_file.name} imports {missing!r} outside a `try:` block: transformers refuses to load this folder "
+                f"from the Hub where {missing!r} is not installed. Guard that import (try/except ImportError)."
+            ) from error
     probe = torch.load(probe_path, weights_only=True)
     result = {"blocked_dependencies": sorted(name for name in blocked if sys.modules.get(name, 0) is None)}
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
@@ -251,6 +264,11 @@ def load_source_model(source, args: argparse.Namespace | None = None):
             raise HubUploadError(f"{', '.join(given)} describe an official checkpoint file; {source} is a checkpoint folder, whose config.json says all that.")
         config_path = source / "config.json"
         if not config_path.is_file():
+            if (source / "adapter_config.json").is_file():
+                raise HubUploadError(
+                    f"{source} holds a PEFT adapter, not a model: merge it into its base model first "
+                    "(`model.merge_and_unload().save_pretrained(...)`) and publish that folder."
+                )
             raise HubUploadError(f"{source} has no config.json: give a folder written by `save_pretrained` or an official .pth file.")
         model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
         if model_type != "rat":
@@ -794,6 +812,13 @@ def publish(args: argparse.Namespace) -> int:
         raise HubUploadError(f"--repo-id {args.repo_id!r} is not a valid repository id: {error}") from error
     if "/" not in args.repo_id:
         raise HubUploadError(f"--repo-id must be OWNER/NAME (your user or organization name, a slash, the model name), got {args.repo_id!r}.")
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        if convert_file_size_to_int(args.max_shard_size) <= 0:
+            raise ValueError("it must be positive")
+    except ValueError as error:
+        raise HubUploadError(f"--max-shard-size {args.max_shard_size!r} is not a size such as 5GB or 500MB: {error}") from error
     metrics = _read_metrics(args.metrics) if args.metrics else None
     token = None if args.dry_run else resolve_token(args.token)  # before hours of work, not after
 

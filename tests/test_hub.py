@@ -384,6 +384,11 @@ def test_source_errors(tmp_path, capsys, trained_checkpoint):
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
     code, error = _run_main([str(other), "--repo-id", "a/b", "--dry-run"], capsys)
     assert code == 2 and "'llama' model, not a RAT model" in error
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    code, error = _run_main([str(adapter), "--repo-id", "a/b", "--dry-run"], capsys)
+    assert code == 2 and "PEFT adapter" in error and "merge_and_unload" in error
     code, error = _run_main([str(trained_checkpoint), "--repo-id", "a/b", "--dry-run", "--num-heads", "4"], capsys)
     assert code == 2 and "--num-heads" in error and "checkpoint folder" in error
     official = tmp_path / "official.pth"
@@ -417,6 +422,8 @@ def test_staging_dir_must_be_empty_and_metrics_must_be_an_object(trained_checkpo
     (staging / "old-model.safetensors").write_text("stale")
     code, error = _run_main([str(trained_checkpoint), "--repo-id", "a/b", "--dry-run", "--staging-dir", str(staging)], capsys)
     assert code == 2 and "is not empty" in error
+    code, error = _run_main([str(trained_checkpoint), "--repo-id", "a/b", "--dry-run", "--max-shard-size", "lots"], capsys)
+    assert code == 2 and "--max-shard-size 'lots'" in error
     metrics = tmp_path / "metrics.json"
     metrics.write_text("[1, 2]")
     code, error = _run_main([str(trained_checkpoint), "--repo-id", "a/b", "--dry-run", "--metrics", str(metrics)], capsys)

@@ -216,14 +216,27 @@ def test_remote_code_loads_with_the_optional_dependencies_installed(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_unguarded_optional_import_in_the_bundle_is_caught(tmp_path):
-    """The isolation is real: a bundle that needs peft at import time fails to load where peft is missing."""
+def test_an_unguarded_optional_import_in_a_bundled_module_is_caught(tmp_path):
+    """
+    The way a kernel module must NOT be written: `modeling_rat.py` guards `from .fast_kernels import ...`, but
+    `fast_kernels.py` imports triton unguarded. Loading a local folder would work (the guard catches the ImportError),
+    loading from the Hub would not (transformers checks the imports of every file it fetches): the isolated check is as
+    strict as the Hub, and the bundle test above rejects such a module at save time.
+    """
     tiny_model(["rat"]).save_pretrained(tmp_path)
-    cache_file = tmp_path / "cache_rat.py"
-    cache_file.write_text("import peft\n" + cache_file.read_text(encoding="utf-8"), encoding="utf-8")
+    modeling_file = tmp_path / "modeling_rat.py"
+    modeling_file.write_text(
+        modeling_file.read_text(encoding="utf-8") + "\ntry:\n    from .fast_kernels import kernel\nexcept ImportError:\n    kernel = None\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "fast_kernels.py").write_text("import triton\n\nkernel = triton\n", encoding="utf-8")
     input_ids, attention_mask = _left_padded_batch()
-    with pytest.raises(hub_upload.HubUploadError, match="peft"):
+    with pytest.raises(hub_upload.HubUploadError, match="fast_kernels.py imports 'triton' outside a `try:` block"):
         hub_upload.run_isolated_check(tmp_path, {"input_ids": input_ids, "attention_mask": attention_mask})
+    # with the import guarded inside the module too, the same folder loads without triton
+    (tmp_path / "fast_kernels.py").write_text("try:\n    import triton\nexcept ImportError:\n    triton = None\n\nkernel = triton\n")
+    result = hub_upload.run_isolated_check(tmp_path, {"input_ids": input_ids, "attention_mask": attention_mask})
+    assert result["model_class"].startswith("transformers_modules.")
 
 
 def test_isolation_blocks_the_package_and_optional_dependencies():
