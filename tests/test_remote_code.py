@@ -265,3 +265,28 @@ def test_isolation_blocks_the_package_and_optional_dependencies():
     # and without isolation the package is importable in such a process (the check above is not vacuous)
     plain = subprocess.run([sys.executable, "-c", "import modeling_rat; print('ok')"], capture_output=True, text=True, cwd=ROOT)
     assert plain.stdout.strip() == "ok", plain.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_remote_code_runs_the_bundled_triton_kernels(tmp_path, monkeypatch):
+    """
+    With triton installed, a folder loaded with remote code runs the kernels of its own bundled `rat_triton.py` (on the
+    CPU under Triton's interpreter here) and computes what the installed package's fast path computes.
+    """
+    if "rat_triton.py" not in remote_code_files():
+        pytest.skip("this tree has no Triton kernels (modeling_rat.py does not import .rat_triton)")
+    pytest.importorskip("triton", reason="the Triton kernels need the `triton` package")
+    model = tiny_model(["rat", "sliding_attention"])
+    input_ids, attention_mask = _left_padded_batch()
+    logits, generated = _reference_outputs(model, input_ids, attention_mask, max_new_tokens=4)
+    model.config.rat_implementation = "triton"  # strict: the model raises rather than fall back if the kernels cannot run
+    model.save_pretrained(tmp_path)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the validation process when it imports the bundled kernels
+    probe = {"input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": 4, "pad_token_id": 0}
+    result = hub_upload.run_isolated_check(tmp_path, probe, optional_dependencies=())
+    assert result["model_class"].startswith("transformers_modules.")
+    assert "triton" in result["loaded_optional_dependencies"]
+    # kernels against the PyTorch fast path: fp32 accumulations in another order (as in tests/test_triton.py)
+    torch.testing.assert_close(result["logits"], logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(result["generated"], generated)
