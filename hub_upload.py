@@ -245,6 +245,9 @@ def _tail(text: str, lines: int) -> str:
 
 # ========================================================================================================= source
 
+# Options that describe an official checkpoint file; a checkpoint folder's config.json already says all of that.
+_CONVERSION_ONLY = ("num_heads", "chunk_size", "layer_pattern", "window", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+
 
 def load_source_model(source, args: argparse.Namespace | None = None):
     """
@@ -303,9 +306,6 @@ def load_source_model(source, args: argparse.Namespace | None = None):
         if not bool(torch.isfinite(parameter).all()):
             raise HubUploadError(f"Parameter {name} holds NaN or infinite values: refusing to publish a broken checkpoint.")
     return model
-
-
-_CONVERSION_ONLY = ("num_heads", "chunk_size", "layer_pattern", "window", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
 
 
 def load_tokenizer(name_or_path, model):
