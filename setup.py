@@ -27,6 +27,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["configuration_rat", "modeling_rat"],
+    py_modules=["hub_upload"],
     install_requires=[
         "torch>=2.4",
         "transformers>=5.18,<6",
@@ -42,6 +43,7 @@ setup(
     entry_points={
         "console_scripts": [
             "rat-convert-official=modeling_rat.convert_official:main",
+            "rat-hub-upload=hub_upload:main",
         ]
     },
     classifiers=[

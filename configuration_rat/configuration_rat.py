@@ -10,13 +10,21 @@ This file is self-contained (it imports only the standard library and transforme
 the weights of every saved checkpoint, so that `trust_remote_code=True` loading works without this package.
 """
 
+import ast
 import importlib.util
 import os
 import re
 import shutil
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from transformers import PretrainedConfig
+from transformers.dynamic_module_utils import get_relative_imports
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 RAT_LAYER_TYPES = ("rat", "sliding_attention", "full_attention", "rnn")
@@ -251,15 +259,27 @@ class RatConfig(PretrainedConfig):
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """
-        Save `config.json` with an `auto_map`, and next to it the model's code, so that the folder (or a Hub repo
-        made from it) loads with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` on a machine
-        without this package.
+        Save `config.json` with an `auto_map`, and next to it the model's code (see `remote_code_files`), so that the
+        folder (or a Hub repo made from it) loads with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`
+        on a machine without this package.
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` ({save_directory}) must be a directory, not a file.")
         self.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, push_to_hub=False)
-        written = write_remote_code(save_directory)
+        try:
+            written = write_remote_code(save_directory)
+        except RemoteCodeNotFoundError as error:
+            # A configuration loaded on its own with `trust_remote_code` from a local folder: transformers keeps its
+            # file apart from the model's files, so only the configuration's code is at hand.
+            destination = Path(save_directory) / "configuration_rat.py"
+            if destination.resolve() != Path(__file__).resolve():
+                shutil.copyfile(Path(__file__).resolve(), destination)
+            written = [destination]
+            logger.warning(
+                f"Saved the configuration to {save_directory}, but not the model code beside it: {error} Save the model "
+                "itself (`model.save_pretrained`) to write a folder that loads with `trust_remote_code=True`."
+            )
         if push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
@@ -281,47 +301,108 @@ def _divisors_near(number: int, target: int) -> list[int]:
     return sorted(divisors, key=lambda d: abs(d - target))[:3]
 
 
-def _relative_imports(source: Path) -> list[str]:
-    """Sibling modules a file imports as `from .name import ...` (the form transformers follows)."""
-    text = source.read_text(encoding="utf-8")
-    return sorted(set(re.findall(r"^\s*from\s+\.(\w+)\s+import", text, flags=re.MULTILINE)))
+class RemoteCodeNotFoundError(FileNotFoundError):
+    """The model code to bundle (`modeling_rat.py` and the modules it imports) cannot be found."""
 
 
-def remote_code_files() -> dict[str, Path]:
+# While a model is being saved, the folder its own code was loaded from (see `bundle_code_from`).
+_MODEL_CODE_DIRECTORY: ContextVar[Path | None] = ContextVar("rat_model_code_directory", default=None)
+
+
+@contextmanager
+def bundle_code_from(directory):
     """
-    The files of the remote-code bundle, name -> source path, always taken from the code that is running: the
-    installed packages (`configuration_rat/`, `modeling_rat/`) or, for a model that was itself loaded with
-    `trust_remote_code`, the flat folder this file sits in. The bundle is `configuration_rat.py`, `modeling_rat.py`
-    and every sibling module they import, recursively.
+    While active, `RatConfig.save_pretrained` bundles the model code found in `directory`. `RatPreTrainedModel.
+    save_pretrained` uses it so that a saved model always carries the very code it runs, even when that code was
+    itself loaded with `trust_remote_code` (transformers then keeps the configuration's file and the model's files in
+    different folders of its module cache).
     """
+    token = _MODEL_CODE_DIRECTORY.set(Path(directory).resolve())
+    try:
+        yield
+    finally:
+        _MODEL_CODE_DIRECTORY.reset(token)
+
+
+def _default_model_code_directory() -> Path | None:
+    """The folder holding `modeling_rat.py`: beside this file (a remote-code folder) or the installed package."""
     here = Path(__file__).resolve().parent
     if (here / "modeling_rat.py").is_file():
-        modeling_dir = here
-    else:
+        return here
+    try:
         spec = importlib.util.find_spec("modeling_rat")
-        if spec is None or spec.origin is None:
-            raise RuntimeError("Cannot find the `modeling_rat` package to bundle its code: is rat-transformers installed?")
-        modeling_dir = Path(spec.origin).resolve().parent
-    files = {"configuration_rat.py": Path(__file__).resolve()}
-    pending = ["modeling_rat"]
+    except (ImportError, ValueError):  # not installed, or made unimportable
+        return None
+    if spec is None or spec.origin is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.origin).resolve().parent
+
+
+def _bundled_imports(source: Path) -> list[str]:
+    """
+    The sibling modules `source` imports, as transformers' remote-code loader finds them (`from .name import ...`,
+    wherever it appears, even inside `try:`). The loader only handles flat sibling files, so any other relative import
+    is an error here rather than a folder that fails to load on someone else's machine.
+    """
+    tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            if node.level > 1 or node.module is None or "." in node.module:
+                written = "." * node.level + (node.module or "")
+                raise ValueError(
+                    f"{source.name} line {node.lineno}: `from {written} import ...` cannot be bundled as remote code: "
+                    "transformers only follows `from .module import name` with `module.py` a sibling file."
+                )
+    names = get_relative_imports(source)
+    for name in names:
+        if not re.fullmatch(r"\w+", name):
+            raise ValueError(f"{source.name} imports `.{name}`: only flat sibling modules can be bundled as remote code.")
+    return sorted(names)
+
+
+def remote_code_files(modeling_dir=None) -> dict[str, Path]:
+    """
+    The files of the remote-code bundle, name -> source path: `configuration_rat.py`, `modeling_rat.py` and every
+    sibling module they import, recursively (optional ones such as kernels included: their imports are guarded, the
+    files must still be present for transformers' loader).
+
+    The files are always taken from code that exists, never from a kept copy: `modeling_dir` when given, else the
+    folder of the model being saved (`bundle_code_from`), else this file's own folder when it is a remote-code folder,
+    else the installed `modeling_rat` package. `configuration_rat.py` comes from the same folder when it is there (a
+    flat remote-code folder), else from this file (the installed `configuration_rat` package).
+    """
+    if modeling_dir is None:
+        modeling_dir = _MODEL_CODE_DIRECTORY.get() or _default_model_code_directory()
+    if modeling_dir is None:
+        raise RemoteCodeNotFoundError(
+            f"`modeling_rat.py` is neither beside {Path(__file__).resolve()} nor installed (pip install rat-transformers)."
+        )
+    modeling_dir = Path(modeling_dir).resolve()
+    files: dict[str, Path] = {}
+    pending = ["modeling_rat", "configuration_rat"]
     while pending:
         name = pending.pop()
         if f"{name}.py" in files:
             continue
         source = modeling_dir / f"{name}.py"
+        if not source.is_file() and name == "configuration_rat":
+            source = Path(__file__).resolve()
         if not source.is_file():
-            raise RuntimeError(f"The model code imports `.{name}`, but {source} does not exist.")
+            raise RemoteCodeNotFoundError(
+                f"The model code in {modeling_dir} needs `{name}.py` (imported as `.{name}`), which does not exist there."
+            )
         files[f"{name}.py"] = source
-        pending.extend(_relative_imports(source))
-    return files
+        pending.extend(_bundled_imports(source))
+    return dict(sorted(files.items()))
 
 
-def write_remote_code(save_directory) -> list[Path]:
+def write_remote_code(save_directory, modeling_dir=None) -> list[Path]:
     """Copy the remote-code bundle (see `remote_code_files`) into `save_directory`; returns the written paths."""
+    files = remote_code_files(modeling_dir)  # resolve everything before writing anything
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, source in remote_code_files().items():
+    for name, source in files.items():
         destination = save_directory / name
         if destination.resolve() != source:
             shutil.copyfile(source, destination)
@@ -329,4 +410,13 @@ def write_remote_code(save_directory) -> list[Path]:
     return written
 
 
-__all__ = ["RatConfig", "PRESET_SIZES", "PAPER_LAYER_PATTERNS", "RAT_LAYER_TYPES", "write_remote_code", "remote_code_files"]
+__all__ = [
+    "RatConfig",
+    "PRESET_SIZES",
+    "PAPER_LAYER_PATTERNS",
+    "RAT_LAYER_TYPES",
+    "RemoteCodeNotFoundError",
+    "bundle_code_from",
+    "remote_code_files",
+    "write_remote_code",
+]

@@ -238,29 +238,43 @@ def convert_official_checkpoint(
     return model
 
 
+CONFIG_OVERRIDE_ARGUMENTS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+
+
+def add_conversion_arguments(parser: argparse.ArgumentParser, required: bool = True):
+    """
+    Add the architecture options of an official checkpoint (which it does not store) to `parser`: `--num-heads`,
+    `--chunk-size`, `--layer-pattern`, `--window` and the config overrides. `hub_upload.py` shares them.
+    """
+    needed = " (required for an official checkpoint)" if not required else ""
+    parser.add_argument("--num-heads", type=int, required=required, help=f"attention heads H (16 for the paper's 1.3B models){needed}")
+    parser.add_argument("--chunk-size", type=int, required=required, help=f"chunk length L (16 in the paper){needed}")
+    parser.add_argument(
+        "--layer-pattern", required=required, choices=list(PAPER_LAYER_PATTERNS), help=f"which of the paper's five models{needed}"
+    )
+    parser.add_argument("--window", type=int, help="official window_size W of sliding layers (a query sees W + 1 tokens)")
+    parser.add_argument("--bos-token-id", type=int, help="beginning-of-sequence id (1 for the Llama-2 tokenizer)")
+    parser.add_argument("--eos-token-id", type=int, help="end-of-sequence id (2 for the Llama-2 tokenizer)")
+    parser.add_argument("--pad-token-id", type=int, help="padding id (none by default)")
+    parser.add_argument("--max-position-embeddings", type=int, help="training context length (informational)")
+
+
+def conversion_overrides(args: argparse.Namespace) -> dict:
+    """The `RatConfig` arguments given on the command line (see `add_conversion_arguments`)."""
+    return {name: getattr(args, name) for name in CONFIG_OVERRIDE_ARGUMENTS if getattr(args, name, None) is not None}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="official checkpoint file ({'task': state_dict} or a bare state dict)")
-    parser.add_argument("--num-heads", type=int, required=True, help="attention heads H (16 for the paper's 1.3B models)")
-    parser.add_argument("--chunk-size", type=int, required=True, help="chunk length L (16 in the paper)")
-    parser.add_argument("--layer-pattern", required=True, choices=list(PAPER_LAYER_PATTERNS), help="which of the paper's five models")
-    parser.add_argument("--window", type=int, help="official window_size W of sliding layers (a query sees W + 1 tokens)")
-    parser.add_argument("--output", required=True, help="directory to create (must not exist or be empty)")
+    add_conversion_arguments(parser)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="save in this dtype (default: as stored)")
-    parser.add_argument("--bos-token-id", type=int, help="beginning-of-sequence id (1 for the Llama-2 tokenizer)")
-    parser.add_argument("--eos-token-id", type=int, help="end-of-sequence id (2 for the Llama-2 tokenizer)")
-    parser.add_argument("--pad-token-id", type=int)
-    parser.add_argument("--max-position-embeddings", type=int, help="training context length (informational)")
+    parser.add_argument("--output", required=True, help="directory to create (must not exist or be empty)")
     args = parser.parse_args(argv)
-    overrides = {
-        name: getattr(args, name)
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
-        if getattr(args, name) is not None
-    }
     try:
         model = convert_official_checkpoint(
             args.checkpoint, args.num_heads, args.chunk_size, args.layer_pattern, args.window, args.output,
-            dtype=getattr(torch, args.dtype) if args.dtype else None, **overrides,
+            dtype=getattr(torch, args.dtype) if args.dtype else None, **conversion_overrides(args),
         )
     except (OfficialCheckpointError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

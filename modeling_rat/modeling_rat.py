@@ -14,7 +14,10 @@ This folder's files are copied next to saved weights, so that `trust_remote_code
 """
 
 import math
+import sys
+from contextlib import nullcontext
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +50,9 @@ except ImportError:  # installed package
 
 
 logger = logging.get_logger(__name__)
+
+# The folder of this file and its sibling modules: the code bundled next to the weights of every saved model.
+MODEL_CODE_DIRECTORY = Path(__file__).resolve().parent
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`.
 CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -751,6 +757,18 @@ class RatPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _is_stateful = False  # the cache rolls back exactly (see cache_rat.py), so assisted decoding works
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """
+        `PreTrainedModel.save_pretrained`, with the code of this very model (this file and its sibling modules)
+        bundled beside the weights, so that the folder loads with `trust_remote_code=True` without this package. This
+        holds for a model that was itself loaded with remote code: its bundle is taken from the folder it was loaded
+        from, which is not the folder of its configuration's code in transformers' module cache.
+        """
+        config_module = sys.modules.get(type(self.config).__module__)
+        bundle_code_from = getattr(config_module, "bundle_code_from", None)
+        with bundle_code_from(MODEL_CODE_DIRECTORY) if bundle_code_from is not None else nullcontext():
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
