@@ -35,6 +35,7 @@ from .rat_ops import (
     apply_rotary,
     chunk_attention,
     chunk_scan,
+    decode_attention,
     linear_recurrence,
     rat_reference,
     rnn_reference,
@@ -536,15 +537,15 @@ class RatMixer(nn.Module):
         query_rotated = apply_rotary(query_heads, cos[:, None], sin[:, None])
         own_score = (query_heads * running_key).sum(-1)
         capacity = cache_layer.keys.shape[2]
-        attention = chunk_attention(
-            query_rotated.to(dtype)[:, None, :, None],
-            own_score[:, None, :, None],
-            running_value.to(dtype)[:, None, :, None],
+        attention = decode_attention(
+            query_rotated.to(dtype),
+            own_score,
+            running_value.to(dtype),
             cache_layer.keys,
             cache_layer.values,
             chunk,  # the first `chunk` cached summaries of each row are its earlier chunks
             scale=1.0 / math.sqrt(head_dim),
-        )  # (B, 1, H, 1, d)
+        )  # (B, H, d)
         if capacity > 0:  # rows whose chunk this token completes store its summary in slot `chunk`
             completes = (valid & (index_in_chunk == chunk_size - 1))[:, None, None]
             rows = torch.arange(batch_size, device=value.device)

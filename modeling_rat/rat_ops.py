@@ -321,3 +321,25 @@ def chunk_attention(
         )
     out = out.reshape(num_rows, chunk_size, num_heads, num_chunks, width)
     return out[..., :head_dim] + out[..., head_dim : head_dim + 1] * own_value
+
+
+def decode_attention(
+    query: torch.Tensor,
+    own_score: torch.Tensor,
+    own_value: torch.Tensor,
+    key_summaries: torch.Tensor,
+    value_summaries: torch.Tensor,
+    history_count: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """
+    `chunk_attention` for one new token per row (decoding), reading the cached summaries in place (no augmented
+    copies): query (B, H, d) rotated, own_score (B, H) fp32, own_value (B, H, d), key/value summaries (B, H, P, d)
+    of which the first history_count[b] are valid. Returns (B, H, d).
+    """
+    scores = torch.matmul(query.unsqueeze(2), key_summaries.transpose(-1, -2)).squeeze(2).float()  # (B, H, P)
+    slots = torch.arange(key_summaries.shape[2], device=query.device)
+    scores = scores.masked_fill((slots[None, :] >= history_count[:, None])[:, None, :], float("-inf"))
+    weights = torch.cat([own_score.float().unsqueeze(-1), scores], dim=-1).mul(scale).softmax(dim=-1)
+    out = torch.matmul(weights[..., 1:].unsqueeze(2).to(value_summaries.dtype), value_summaries).squeeze(2)
+    return (out.float() + weights[..., :1] * own_value.float()).to(own_value.dtype)

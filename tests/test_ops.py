@@ -11,6 +11,7 @@ from modeling_rat.rat_ops import (
     chunk_attention,
     chunk_scan,
     chunk_scan_reference,
+    decode_attention,
     linear_recurrence,
     rotary_cos_sin,
     rotate_half,
@@ -115,3 +116,20 @@ def test_chunk_attention_is_one_softmax_over_summaries_and_own_term(dtype, toler
     weight = torch.randn_like(expected)
     for got, want in zip(_grads(actual.float(), leaves, weight), _grads(expected, leaves, weight)):
         torch.testing.assert_close(got, want, rtol=tolerance * 5, atol=tolerance * 5)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
+def test_decode_attention_equals_chunk_attention_for_one_token(dtype, tolerance):
+    torch.manual_seed(0)
+    batch, heads, slots, head_dim = 3, 2, 5, 8
+    query = torch.randn(batch, heads, head_dim)
+    own_score = torch.randn(batch, heads)
+    own_value = torch.randn(batch, heads, head_dim)
+    keys = torch.randn(batch, heads, slots, head_dim)
+    values = torch.randn(batch, heads, slots, head_dim)
+    count = torch.tensor([0, 2, 5])
+    expected = chunk_attention(query[:, None, :, None], own_score[:, None, :, None], own_value[:, None, :, None],
+                               keys, values, count, scale=0.4)[:, 0, :, 0]
+    actual = decode_attention(query.to(dtype), own_score, own_value.to(dtype), keys.to(dtype), values.to(dtype), count, scale=0.4)
+    torch.testing.assert_close(actual.float(), expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(decode_attention(query, own_score, own_value, keys, values, count, 0.4)[0], own_value[0])
