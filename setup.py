@@ -29,7 +29,7 @@ setup(
     packages=["configuration_rat", "modeling_rat"],
     py_modules=["hub_upload"],
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",
         "transformers>=5.18,<6",
         "accelerate>=1.0",
         "safetensors>=0.4",

@@ -296,31 +296,32 @@ def chunk_attention(
     num_rows, chunk_size, num_heads, num_chunks, head_dim = query.shape
     width = padded_head_dim(head_dim)
     dtype = query.dtype
-    pad = width - head_dim - 1
+    # The L tokens of a chunk see the same keys: they become L query heads sharing one key/value head
+    # (grouped-query attention), query head h * L + l for token l of head h.
     query_aug = torch.cat(
-        [query, own_score.to(dtype).unsqueeze(-1), query.new_zeros(*query.shape[:-1], pad)], dim=-1
-    ).reshape(num_rows * chunk_size, num_heads, num_chunks, width)
+        [
+            query.transpose(1, 2),
+            own_score.transpose(1, 2).to(dtype).unsqueeze(-1),
+            query.new_zeros(num_rows, num_heads, chunk_size, num_chunks, width - head_dim - 1),
+        ],
+        dim=-1,
+    ).reshape(num_rows, num_heads * chunk_size, num_chunks, width)
     num_keys = key_summaries.shape[2]
     own_slot = key_summaries.new_zeros(num_rows, num_heads, 1, width)
     own_slot[..., head_dim] = 1
     zeros = key_summaries.new_zeros(num_rows, num_heads, num_keys, width - head_dim)
     key_aug = torch.cat([own_slot, torch.cat([key_summaries, zeros], -1)], dim=2)
     value_aug = torch.cat([own_slot, torch.cat([value_summaries, zeros], -1)], dim=2)
-    # Every token of a chunk sees the same keys: the L tokens of a chunk become L rows sharing keys and values.
-    def per_token(tensor):
-        return tensor.unsqueeze(1).expand(-1, chunk_size, -1, -1, -1).reshape(num_rows * chunk_size, *tensor.shape[1:])
-
     if history_count is None:
         if num_keys != num_chunks - 1:
             raise ValueError(f"Without history, {num_chunks} query chunks need {num_chunks - 1} key summaries, got {num_keys}.")
-        out = F.scaled_dot_product_attention(query_aug, per_token(key_aug), per_token(value_aug), is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(query_aug, key_aug, value_aug, is_causal=True, scale=scale, enable_gqa=True)
     else:
         mask = chunk_attention_mask(history_count, num_keys - (num_chunks - 1), num_chunks)
-        out = F.scaled_dot_product_attention(
-            query_aug, per_token(key_aug), per_token(value_aug), attn_mask=per_token(mask), scale=scale
-        )
-    out = out.reshape(num_rows, chunk_size, num_heads, num_chunks, width)
-    return out[..., :head_dim] + out[..., head_dim : head_dim + 1] * own_value
+        out = F.scaled_dot_product_attention(query_aug, key_aug, value_aug, attn_mask=mask, scale=scale, enable_gqa=True)
+    out = out.reshape(num_rows, num_heads, chunk_size, num_chunks, width)
+    result = out[..., :head_dim] + out[..., head_dim : head_dim + 1] * own_value.transpose(1, 2)
+    return result.transpose(1, 2)
 
 
 def decode_attention(

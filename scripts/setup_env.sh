@@ -16,7 +16,7 @@ VENV_PY="$ROOT/$VENV/bin/python"
 if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     echo "[setup] CUDA found: installing torch with CUDA support"
-    "$VENV_PY" -m pip install -q "torch>=2.4"
+    "$VENV_PY" -m pip install -q "torch>=2.5"
   else
     echo "[setup] no CUDA: installing the CPU build of torch 2.13.0"
     "$VENV_PY" -m pip install -q --no-index "torch==2.13.0" 2>/dev/null \
