@@ -441,9 +441,13 @@ class RatMixer(nn.Module):
                 cache_layer.skip_columns(seq_len)
             return value.new_zeros(value.shape)
         grid = layout.chunk_grid(chunk_size)
-        streams = torch.stack([value, tile_groups(key, self.num_qk_groups, heads)], dim=-2)  # (B, T, 2, D)
+        groups, copies = self.num_qk_groups, heads // self.num_qk_groups
+        input_gate = 1 - forget_gate  # (B, T, D) fp32
+        # The key is tiled over the heads (head h reads group h % G): multiply by broadcasting instead of copying.
+        gated_key = input_gate.view(batch_size, seq_len, copies, groups * head_dim) * key.float().unsqueeze(2)
+        inputs = torch.stack([input_gate * value.float(), gated_key.view(batch_size, seq_len, hidden_size)], dim=2)
         gates = grid.to_grid(forget_gate, fill=1.0)  # (N, C, L, D)
-        inputs = grid.to_grid((1 - forget_gate).unsqueeze(-2) * streams.float())  # (N, C, L, 2, D)
+        inputs = grid.to_grid(inputs)  # (N, C, L, 2, D)
 
         initial_state, history_keys, history_values, history_count = None, None, None, None
         if cache_layer is not None:
@@ -461,12 +465,16 @@ class RatMixer(nn.Module):
         num_rows, num_chunks = states.shape[:2]
         running_value = states[..., 0, :].reshape(num_rows, num_chunks, chunk_size, heads, head_dim)
         running_key = states[..., 1, :].reshape(num_rows, num_chunks, chunk_size, heads, head_dim)
-        query_grid = grid.to_grid(tile_groups(query, self.num_qk_groups, heads)).reshape(
+        # Queries stay in their G groups until the attention call: rotation and the own score need no tiling.
+        query_grid = grid.to_grid(query).float().reshape(num_rows, num_chunks, chunk_size, 1, groups, head_dim)
+        cos, sin = rotary_cos_sin(grid.chunk_index, head_dim, self.config.rope_theta, torch.float32)  # (N, C, d)
+        query_rotated = apply_rotary(query_grid, cos[:, :, None, None, None], sin[:, :, None, None, None])
+        query_rotated = query_rotated.to(dtype).expand(-1, -1, -1, copies, -1, -1).reshape(
             num_rows, num_chunks, chunk_size, heads, head_dim
         )
-        cos, sin = rotary_cos_sin(grid.chunk_index, head_dim, self.config.rope_theta, torch.float32)  # (N, C, d)
-        query_rotated = apply_rotary(query_grid.float(), cos[:, :, None, None], sin[:, :, None, None])
-        own_score = (query_grid.float() * running_key).sum(-1)  # rotation preserves the dot product
+        own_score = (  # rotation preserves the dot product, so the unrotated query and key give the own score
+            query_grid * running_key.view(num_rows, num_chunks, chunk_size, copies, groups, head_dim)
+        ).sum(-1).reshape(num_rows, num_chunks, chunk_size, heads)
         key_summaries = apply_rotary(running_key[:, :, -1], cos[:, :, None], sin[:, :, None]).to(dtype)  # (N, C, H, d)
         value_summaries = running_value[:, :, -1].to(dtype)
         keys = key_summaries[:, :-1].transpose(1, 2)  # chunk c sees summaries of chunks < c: the last is never a key
@@ -475,7 +483,7 @@ class RatMixer(nn.Module):
             keys = torch.cat([history_keys, keys], dim=2)
             values = torch.cat([history_values, values], dim=2)
         attention = chunk_attention(
-            query_rotated.to(dtype).permute(0, 2, 3, 1, 4),
+            query_rotated.permute(0, 2, 3, 1, 4),
             own_score.permute(0, 2, 3, 1),
             running_value.to(dtype).permute(0, 2, 3, 1, 4),
             keys,

@@ -153,12 +153,11 @@ class ChunkScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gates, inputs, initial_state):
         states = torch.empty_like(inputs)
-        previous = torch.zeros_like(inputs[:, :, 0])
+        states[:, :, 0] = inputs[:, :, 0]
         if initial_state is not None:
-            previous[:, 0] = initial_state
-        for index in range(gates.shape[2]):
-            previous = torch.addcmul(inputs[:, :, index], gates[:, :, index].unsqueeze(-2), previous)
-            states[:, :, index] = previous
+            states[:, 0, 0] += gates[:, 0, 0].unsqueeze(-2) * initial_state
+        for index in range(1, gates.shape[2]):  # each step writes its states in place
+            torch.addcmul(inputs[:, :, index], gates[:, :, index].unsqueeze(-2), states[:, :, index - 1], out=states[:, :, index])
         ctx.save_for_backward(gates, states, initial_state)
         return states
 
@@ -166,22 +165,22 @@ class ChunkScan(torch.autograd.Function):
     def backward(ctx, grad_states):
         gates, states, initial_state = ctx.saved_tensors
         chunk_size = gates.shape[2]
-        grad_inputs = torch.empty_like(grad_states)
+        grad_inputs = torch.empty_like(grad_states)  # the gradient reaching each state, accumulated backwards
         grad_gates = torch.empty_like(gates)
-        carried = grad_states[:, :, chunk_size - 1].clone()
-        for index in range(chunk_size - 1, -1, -1):
-            if index < chunk_size - 1:
-                carried = torch.addcmul(grad_states[:, :, index], gates[:, :, index + 1].unsqueeze(-2), carried)
-            grad_inputs[:, :, index] = carried
-            if index > 0:
-                grad_gates[:, :, index] = (carried * states[:, :, index - 1]).sum(-2)
-            else:
-                grad_gates[:, :, 0] = 0
-                if initial_state is not None:
-                    grad_gates[:, 0, 0] = (carried[:, 0] * initial_state).sum(-2)
+        grad_inputs[:, :, chunk_size - 1] = grad_states[:, :, chunk_size - 1]
+        for index in range(chunk_size - 2, -1, -1):
+            torch.addcmul(
+                grad_states[:, :, index], gates[:, :, index + 1].unsqueeze(-2), grad_inputs[:, :, index + 1],
+                out=grad_inputs[:, :, index],
+            )
+        if chunk_size > 1:
+            torch.sum(grad_inputs[:, :, 1:] * states[:, :, :-1], dim=-2, out=grad_gates[:, :, 1:])
+        grad_gates[:, :, 0] = 0
+        if initial_state is not None:
+            grad_gates[:, 0, 0] = (grad_inputs[:, 0, 0] * initial_state).sum(-2)
         grad_initial = None
         if initial_state is not None and ctx.needs_input_grad[2]:
-            grad_initial = gates[:, 0, 0].unsqueeze(-2) * carried[:, 0]
+            grad_initial = gates[:, 0, 0].unsqueeze(-2) * grad_inputs[:, 0, 0]
         return grad_gates, grad_inputs, grad_initial
 
 
