@@ -366,7 +366,7 @@ class RatMixer(nn.Module):
         forget_gate = torch.sigmoid(self.forget_gate_proj(hidden_states).float() + self.forget_gate_bias.float())
         query = self.q_proj(hidden_states)
         key = self.k_proj(hidden_states)
-        implementation = resolve_rat_implementation(self.config, hidden_states.device)
+        implementation = resolve_rat_implementation(self.config, hidden_states.device, value.dtype)
         if implementation == "reference":
             if cache_layer is not None:
                 raise ValueError(
@@ -378,15 +378,16 @@ class RatMixer(nn.Module):
                 self.chunk_size, self.num_heads, self.config.rope_theta,
             )
         elif cache_layer is not None and hidden_states.shape[1] == 1 and cache_layer.is_initialized:
-            attention = self._decode_step(query, key, value, forget_gate, layout, cache_layer)
+            attention = self._decode_step(query, key, value, forget_gate, layout, cache_layer, implementation)
         else:
-            attention = self._chunked(query, key, value, forget_gate, layout, cache_layer)
+            attention = self._chunked(query, key, value, forget_gate, layout, cache_layer, implementation)
         return self.o_proj(output_gate * attention)
 
     # ----------------------------------------------------------------------------------------- fast path
 
-    def _chunked(self, query, key, value, forget_gate, layout, cache_layer):
+    def _chunked(self, query, key, value, forget_gate, layout, cache_layer, implementation="fast"):
         """Any number of tokens: chunk scan on the grid of chunks, then one inter-chunk attention call."""
+        chunk_scan, chunk_attention = _rat_kernels(implementation)
         batch_size, seq_len, hidden_size = value.shape
         heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
         dtype = value.dtype
@@ -479,8 +480,9 @@ class RatMixer(nn.Module):
         cache_layer.running_state, cache_layer.seen = running_state.detach(), seen
         cache_layer.columns += seq_len
 
-    def _decode_step(self, query, key, value, forget_gate, layout, cache_layer):
+    def _decode_step(self, query, key, value, forget_gate, layout, cache_layer, implementation="fast"):
         """One new column per row on top of the cache: O(chunks) work, no recomputation of the prefix."""
+        _, chunk_attention = _rat_kernels(implementation)
         batch_size, _, hidden_size = value.shape
         heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
         dtype = value.dtype
@@ -669,12 +671,47 @@ MIXER_CLASSES = {
 }
 
 
-def resolve_rat_implementation(config: RatConfig, device: torch.device) -> str:
-    """The path RAT layers take: the configured one, or for "auto" the fastest available for the device."""
+def resolve_rat_implementation(config: RatConfig, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """
+    The path RAT layers take: the configured one, or for "auto" the fastest available for the device: the Triton
+    kernels on CUDA when triton is installed (and the dtype is one they take), else the fast PyTorch path.
+    """
     requested = getattr(config, "rat_implementation", "auto")
+    if requested == "triton":
+        from .rat_triton import TRITON_IMPORT_ERROR, triton_is_usable
+
+        if not triton_is_usable(device, dtype):
+            reason = f"triton cannot be imported ({TRITON_IMPORT_ERROR})" if TRITON_IMPORT_ERROR else (
+                f"the kernels take CUDA tensors (or CPU tensors under TRITON_INTERPRET=1) of dtype float32, bfloat16 or "
+                f"float16, got {device} {dtype}"
+            )
+            raise ValueError(f"rat_implementation='triton' cannot run here: {reason}. Use 'auto' or 'fast'.")
+        return "triton"
     if requested != "auto":
         return requested
+    if torch.device(device).type == "cuda":
+        from .rat_triton import triton_is_usable
+
+        if triton_is_usable(device, dtype):
+            logger.info_once("RAT layers run the Triton kernels (rat_implementation='auto' on CUDA).")
+            return "triton"
+        logger.warning_once(
+            "RAT layers run the fast PyTorch path on CUDA: the Triton kernels need `triton` installed and float32, "
+            "bfloat16 or float16 activations."
+        )
+        return "fast"
+    logger.info_once(f"RAT layers run the fast PyTorch path (rat_implementation='auto' on {torch.device(device).type}).")
     return "fast"
+
+
+def _rat_kernels(implementation: str):
+    """(chunk_scan, chunk_attention) of the chosen path: the Triton kernels or the PyTorch ones of `rat_ops`."""
+    if implementation == "triton":
+        from .rat_triton import chunk_attention as triton_chunk_attention
+        from .rat_triton import chunk_scan as triton_chunk_scan
+
+        return triton_chunk_scan, triton_chunk_attention
+    return chunk_scan, chunk_attention
 
 
 # ================================================================================================ decoder layer
