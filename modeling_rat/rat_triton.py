@@ -671,20 +671,32 @@ def _chunk_scan_backward(grad_states, gates, states, initial_state, inputs_dtype
     return grad_gates, grad_inputs, grad_initial
 
 
-def _attention_blocks(head_dim: int, interpreted: bool) -> dict:
-    """Tile sizes of the attention kernels. tl.dot needs every side >= 16; the head is padded to a power of 2."""
+# Tiles of the blocked attention kernels (queries x summaries), per input dtype, for heads up to 64 and above 64.
+# Chosen to stay well inside the shared memory of A100/H100-class GPUs (at most ~100 KB with two pipeline stages)
+# rather than tuned: `benchmarks/bench_triton.py` is the place to tune them on a GPU.
+ATTENTION_TILES = {
+    "16bit": {"small_head": (64, 64), "large_head": (64, 32)},
+    "fp32": {"small_head": (32, 32), "large_head": (32, 32)},
+}
+ATTENTION_NUM_WARPS = 4
+ATTENTION_NUM_STAGES = 2
+ROWS_BLOCK_N = 64  # summaries per step of the one-query-per-program kernel (memory-bound: wide loads)
+
+
+def _attention_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Launch parameters of the attention kernels. tl.dot needs every side >= 16; the head is padded to a power of 2."""
     block_d = max(16, _next_power_of_2(head_dim))
-    if interpreted:  # small tiles: the interpreter is slow, and tests then cross tile borders with small shapes
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d)
-    return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 64 else 32, BLOCK_D=block_d)
-
-
-def _attention_flags(dtype: torch.dtype) -> dict:
-    return dict(
+    config = dict(
+        BLOCK_D=block_d,
         UPCAST=KERNELS_INTERPRETED and dtype == torch.bfloat16,
-        # fp32 inputs: exact fp32 products (no TF32), as the PyTorch path computes
+        # fp32 inputs: exact fp32 products (no TF32), as the PyTorch path computes them; ignored for 16-bit inputs
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
+    if KERNELS_INTERPRETED:  # small tiles: tests then cross tile borders with small shapes
+        return dict(config, BLOCK_M=16, BLOCK_N=16)
+    tiles = ATTENTION_TILES["fp32" if dtype == torch.float32 else "16bit"]
+    block_m, block_n = tiles["small_head" if block_d <= 64 else "large_head"]
+    return dict(config, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=ATTENTION_NUM_WARPS, num_stages=ATTENTION_NUM_STAGES)
 
 
 def _chunk_attention_forward(query, own_score, own_value, keys, values, history_count, scale, kernel="auto"):
@@ -701,17 +713,18 @@ def _chunk_attention_forward(query, own_score, own_value, keys, values, history_
         *query.stride(), *own_score.stride(), *own_value.stride(), *keys.stride(), *values.stride(), *out.stride(),
         num_heads, chunk_size, num_chunks, num_history, head_dim, scale * LOG2_E,
     )
-    blocks = _attention_blocks(head_dim, KERNELS_INTERPRETED)
+    config = _attention_config(head_dim, query.dtype)
     rows_per_head = chunk_size * num_chunks
     if kernel == "auto":
         kernel = "rows" if rows_per_head <= ROW_KERNEL_MAX_ROWS else "blocked"
     if kernel == "rows":
         _chunk_attention_rows_kernel[(num_rows * num_heads, rows_per_head)](
-            *arguments, HAS_HISTORY=has_history, BLOCK_N=blocks["BLOCK_N"], BLOCK_D=blocks["BLOCK_D"],
+            *arguments, HAS_HISTORY=has_history, BLOCK_N=16 if KERNELS_INTERPRETED else ROWS_BLOCK_N,
+            BLOCK_D=config["BLOCK_D"],
         )
     elif kernel == "blocked":
-        grid = (triton.cdiv(rows_per_head, blocks["BLOCK_M"]), num_rows * num_heads)
-        _chunk_attention_forward_kernel[grid](*arguments, HAS_HISTORY=has_history, **blocks, **_attention_flags(query.dtype))
+        grid = (triton.cdiv(rows_per_head, config["BLOCK_M"]), num_rows * num_heads)
+        _chunk_attention_forward_kernel[grid](*arguments, HAS_HISTORY=has_history, **config)
     else:
         raise ValueError(f"kernel must be 'auto', 'rows' or 'blocked', got {kernel!r}")
     return out, lse
@@ -732,25 +745,24 @@ def _chunk_attention_backward(grad_out, query, own_score, own_value, keys, value
     delta = _output_like(lse)
     has_history = history_count is not None
     count_argument = history_count if has_history else lse
-    blocks = _attention_blocks(head_dim, KERNELS_INTERPRETED)
-    flags = _attention_flags(query.dtype)
+    config = _attention_config(head_dim, query.dtype)
     rows_per_head = chunk_size * num_chunks
-    _chunk_attention_backward_query_kernel[(triton.cdiv(rows_per_head, blocks["BLOCK_M"]), num_rows * num_heads)](
+    _chunk_attention_backward_query_kernel[(triton.cdiv(rows_per_head, config["BLOCK_M"]), num_rows * num_heads)](
         query, own_score, own_value, keys, values, count_argument, out, lse,
         grad_out, delta, grad_query, grad_own_score, grad_own_value,
         *query.stride(), *own_score.stride(), *own_value.stride(), *keys.stride(), *values.stride(), *out.stride(),
         *grad_out.stride(),
         num_heads, chunk_size, num_chunks, num_history, head_dim, scale * LOG2_E, scale,
-        HAS_HISTORY=has_history, **blocks, **flags,
+        HAS_HISTORY=has_history, **config,
     )
     num_keys = keys.shape[2]
     if num_keys == 0:
         return grad_query, grad_own_score, grad_own_value, grad_keys, grad_values
-    _chunk_attention_backward_key_kernel[(triton.cdiv(num_keys, blocks["BLOCK_N"]), num_rows * num_heads)](
+    _chunk_attention_backward_key_kernel[(triton.cdiv(num_keys, config["BLOCK_N"]), num_rows * num_heads)](
         query, keys, values, count_argument, lse, grad_out, delta, grad_keys, grad_values,
         *query.stride(), *keys.stride(), *values.stride(), *grad_out.stride(),
         num_heads, chunk_size, num_chunks, num_history, head_dim, scale * LOG2_E, scale,
-        HAS_HISTORY=has_history, **blocks, **flags,
+        HAS_HISTORY=has_history, **config,
     )
     return grad_query, grad_own_score, grad_own_value, grad_keys, grad_values
 
