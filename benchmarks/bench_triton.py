@@ -24,6 +24,7 @@ above it each measurement is. Peaks come from the GPU's name (H100 SXM, H200, A1
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -339,24 +340,18 @@ def bench_training(config, mixers, seq_len, tokens, device, dtype, args, attenti
     return results
 
 
-def synthetic_rat_cache(config, batch, context, device, dtype):
-    """A RAT cache layer holding `context` tokens per row (random summaries and running state)."""
-    heads, head_dim, chunk_size = config.num_attention_heads, config.head_dim, config.chunk_size
+def prefilled_rat_cache(mixer, batch, context, device, dtype, tokens_per_call):
+    """A RAT cache layer holding `context` tokens per row, filled by the model's own prefill (in pieces)."""
     cache_layer = RatChunkCacheLayer()
-    cache_layer.prepare(batch, heads, head_dim, chunk_size, dtype, device)
-    capacity = (context + 1) // chunk_size + 1
-    cache_layer.keys = torch.randn(batch, heads, capacity, head_dim, device=device, dtype=dtype)
-    cache_layer.values = torch.randn(batch, heads, capacity, head_dim, device=device, dtype=dtype)
-    cache_layer.running_state = 0.1 * torch.randn(batch, 2, config.hidden_size, device=device)
-    cache_layer.seen = torch.full((batch,), context, dtype=torch.long, device=device)
-    cache_layer.columns = context
+    piece = max(mixer.chunk_size, tokens_per_call // batch // mixer.chunk_size * mixer.chunk_size)
+    generator = torch.Generator(device=device).manual_seed(1)
+    with torch.no_grad():
+        for start in range(0, context, piece):
+            length = min(piece, context - start)
+            hidden = torch.randn(batch, length, mixer.hidden_size, device=device, dtype=dtype, generator=generator)
+            layout = RatSequenceLayout.build(batch, length, device, past_columns=cache_layer.get_seq_length())
+            run_rat(mixer, "fast", hidden, cache_layer, layout)
     return cache_layer
-
-
-def restore(cache_layer, snapshot, context):
-    """Put back the cache's tensors and counts (host-side assignments: nothing runs on the device)."""
-    cache_layer.keys, cache_layer.values, cache_layer.running_state, cache_layer.seen = snapshot
-    cache_layer.columns = context
 
 
 def bench_decode(config, mixers, batch, context, device, dtype, args, attention_backends, peaks):
@@ -365,14 +360,20 @@ def bench_decode(config, mixers, batch, context, device, dtype, args, attention_
     heads, head_dim = config.num_attention_heads, config.head_dim
     torch.manual_seed(context)
     hidden = torch.randn(batch, 1, config.hidden_size, device=device, dtype=dtype)
-    layout = RatSequenceLayout.build(batch, 1, device, past_columns=context)
-    cache_layer = synthetic_rat_cache(config, batch, context, device, dtype)
-    snapshot = (cache_layer.keys, cache_layer.values, cache_layer.running_state, cache_layer.seen)
+    prefilled = prefilled_rat_cache(rat, batch, context, device, dtype, args.tokens_per_batch)
+    num_calls = args.warmup + args.repeats
 
-    def rat_step(implementation):
-        restore(cache_layer, snapshot, context)  # the step replaces (never edits) the cache tensors: restoring is free
-        with torch.no_grad():
-            return run_rat(rat, implementation, hidden, cache_layer, layout)
+    def rat_steps(implementation):
+        """A fresh copy of the cache and the step function: each call decodes the next token (the cache grows)."""
+        cache_layer = copy.deepcopy(prefilled)
+        layouts = iter([RatSequenceLayout.build(batch, 1, device, past_columns=context + step)
+                        for step in range(num_calls + 1)])  # built ahead: not timed
+
+        def step():
+            with torch.no_grad():
+                return run_rat(rat, implementation, hidden, cache_layer, next(layouts))
+
+        return step
 
     # Attention with a preallocated KV cache (the best case: no copy of the cache per step).
     key_cache = torch.randn(batch, heads, context + 1, head_dim, device=device, dtype=dtype)
@@ -391,13 +392,14 @@ def bench_decode(config, mixers, batch, context, device, dtype, args, attention_
             return attention.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
 
     results = {"batch": batch, "context": context}
-    checks = {"rat_decode_output": assert_agree("RAT decode triton vs fast", rat_step("triton"), rat_step("fast"), 2e-2)}
+    checks = {"rat_decode_output": assert_agree("RAT decode triton vs fast", rat_steps("triton")(),
+                                                rat_steps("fast")(), 2e-2)}
     if batch * context <= args.attention_check_tokens:
         checks["attention_decode_output"] = assert_agree(
             "attention decode vs SDPA math", attention_step(), attention_step(math_backends()), 2e-2
         )
     results["checks_max_error_over_scale"] = checks
-    for name, function in (("rat_triton", lambda: rat_step("triton")), ("rat_fast", lambda: rat_step("fast")),
+    for name, function in (("rat_triton", rat_steps("triton")), ("rat_fast", rat_steps("fast")),
                            ("attention", attention_step)):
         kind = "attention" if name == "attention" else "rat"
         time_ms = time_call(function, device, args.repeats, args.warmup)
@@ -409,6 +411,7 @@ def bench_decode(config, mixers, batch, context, device, dtype, args, attention_
     from modeling_rat import rat_triton
 
     completed = torch.full((batch,), context // config.chunk_size, device=device)
+    summaries = prefilled.keys[:, :, : context // config.chunk_size], prefilled.values[:, :, : context // config.chunk_size]
     query = torch.randn(batch, 1, heads, 1, head_dim, device=device, dtype=dtype)
     own_score = torch.randn(batch, 1, heads, 1, device=device)
     own_value = torch.randn(batch, 1, heads, 1, head_dim, device=device, dtype=dtype)
@@ -416,7 +419,7 @@ def bench_decode(config, mixers, batch, context, device, dtype, args, attention_
 
     def rat_core():
         with torch.no_grad():
-            return rat_triton.chunk_attention(query, own_score, own_value, snapshot[0], snapshot[1], completed, scale)
+            return rat_triton.chunk_attention(query, own_score, own_value, *summaries, completed, scale)
 
     query_heads = query[:, 0, :, :, :]  # (B, H, 1, d)
 
@@ -424,7 +427,7 @@ def bench_decode(config, mixers, batch, context, device, dtype, args, attention_
         with torch.no_grad(), sdpa_backends(attention_backends):
             return torch.nn.functional.scaled_dot_product_attention(query_heads, key_cache, value_cache)
 
-    summary_bytes = 2 * batch * heads * (context // config.chunk_size) * head_dim * snapshot[0].element_size()
+    summary_bytes = 2 * batch * heads * (context // config.chunk_size) * head_dim * summaries[0].element_size()
     kv_bytes = 2 * batch * heads * (context + 1) * head_dim * key_cache.element_size()
     for name, function, flops, nbytes in (
         ("rat_triton", rat_core, 4 * batch * config.hidden_size * (context // config.chunk_size), summary_bytes),
