@@ -693,15 +693,22 @@ def resolve_rat_implementation(config: RatConfig, device: torch.device, dtype: t
         from .rat_triton import triton_is_usable
 
         if triton_is_usable(device, dtype):
-            logger.info_once("RAT layers run the Triton kernels (rat_implementation='auto' on CUDA).")
+            _log_once(logger.info_once, "RAT layers run the Triton kernels (rat_implementation='auto' on CUDA).")
             return "triton"
-        logger.warning_once(
+        _log_once(
+            logger.warning_once,
             "RAT layers run the fast PyTorch path on CUDA: the Triton kernels need `triton` installed and float32, "
-            "bfloat16 or float16 activations."
+            "bfloat16 or float16 activations.",
         )
         return "fast"
-    logger.info_once(f"RAT layers run the fast PyTorch path (rat_implementation='auto' on {torch.device(device).type}).")
+    _log_once(logger.info_once, "RAT layers run the fast PyTorch path (rat_implementation='auto' off CUDA).")
     return "fast"
+
+
+def _log_once(log, message: str):
+    """Log outside torch.compile tracing only (a logging call inside a traced forward breaks the graph)."""
+    if not torch.compiler.is_compiling():
+        log(message)
 
 
 def _rat_kernels(implementation: str):
