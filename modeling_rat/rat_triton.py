@@ -22,8 +22,6 @@ is imported (the kernels are built at import). `triton_is_usable(device)` says w
 device. Importing this module never fails when triton is missing; calling the kernels then raises a clear error.
 """
 
-import math
-import os
 import re
 
 import torch
@@ -41,7 +39,7 @@ except ImportError as error:  # the module stays importable; `triton_is_usable` 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2
-LN_2 = 0.6931471805599453
+LN_2 = 0.6931471805599453  # log(x) = log2(x) * ln(2)
 
 # Query rows per (row, head) up to which the attention forward uses one program per query row (the decode kernel).
 ROW_KERNEL_MAX_ROWS = 8
@@ -49,10 +47,6 @@ ROW_KERNEL_MAX_ROWS = 8
 # Names of the custom ops: the module may be loaded twice in one process (installed package and a copy next to a
 # checkpoint loaded with trust_remote_code), and each copy must register its own ops.
 _LIBRARY = re.sub(r"\W", "_", __name__)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def triton_is_usable(device: torch.device | str, dtype: torch.dtype | None = None) -> bool:
@@ -104,6 +98,8 @@ def _next_power_of_2(value: int) -> int:
 # ================================================================================================== kernels
 
 if triton is not None:
+    _LOG2_E = tl.constexpr(LOG2_E)
+    _LN_2 = tl.constexpr(LN_2)
 
     # ------------------------------------------------------------------------------------------ chunk scan
 
@@ -338,7 +334,7 @@ if triton is not None:
             out_ptr + n * stride_on + h * stride_oh + token[:, None] * stride_ol + query_chunk[:, None] * stride_oc
             + dims[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=tile_mask,
         )
-        lse = (running_max + tl.log2(running_sum)) * 0.6931471805599453  # natural log-sum-exp
+        lse = (running_max + tl.log2(running_sum)) * _LN_2  # natural log-sum-exp
         tl.store(lse_ptr + row_head.to(tl.int64) * num_rows + rows, lse, mask=row_mask)
 
     @triton.jit
@@ -409,7 +405,7 @@ if triton is not None:
             out_ptr + n * stride_on + h * stride_oh + token * stride_ol + query_chunk * stride_oc + dims * stride_od,
             out.to(out_ptr.dtype.element_ty), mask=dim_mask,
         )
-        lse = (running_max + tl.log2(running_sum)) * 0.6931471805599453
+        lse = (running_max + tl.log2(running_sum)) * _LN_2
         tl.store(lse_ptr + row_head.to(tl.int64) * chunk_size * num_chunks + query_row, lse)
 
     @triton.jit
@@ -476,7 +472,7 @@ if triton is not None:
             grad_out_ptr + n * stride_gn + h * stride_gh + token[:, None] * stride_gl + query_chunk[:, None] * stride_gc
             + dims[None, :] * stride_gd, mask=tile_mask, other=0.0,
         )
-        lse2 = tl.load(lse_ptr + row_head.to(tl.int64) * num_rows + rows, mask=row_mask, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(lse_ptr + row_head.to(tl.int64) * num_rows + rows, mask=row_mask, other=0.0) * _LOG2_E
         delta = tl.sum(grad_out.to(tl.float32) * out, axis=1)
         tl.store(delta_ptr + row_head.to(tl.int64) * num_rows + rows, delta, mask=row_mask)
 
@@ -583,7 +579,7 @@ if triton is not None:
                 grad_out_ptr + n * stride_gn + h * stride_gh + token[:, None] * stride_gl
                 + query_chunk[:, None] * stride_gc + dims[None, :] * stride_gd, mask=tile_mask, other=0.0,
             )
-            lse2 = tl.load(lse_ptr + row_head.to(tl.int64) * num_rows + rows, mask=row_mask, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(lse_ptr + row_head.to(tl.int64) * num_rows + rows, mask=row_mask, other=0.0) * _LOG2_E
             delta = tl.load(delta_ptr + row_head.to(tl.int64) * num_rows + rows, mask=row_mask, other=0.0)
             # Transposed scores (BLOCK_N, BLOCK_M): which (summary, query) pairs are in a softmax.
             valid = (is_history & (slots < history_count))[:, None] | (
@@ -672,8 +668,9 @@ def _chunk_scan_backward(grad_states, gates, states, initial_state, inputs_dtype
 
 
 # Tiles of the blocked attention kernels (queries x summaries), per input dtype, for heads up to 64 and above 64.
-# Chosen to stay well inside the shared memory of A100/H100-class GPUs (at most ~100 KB with two pipeline stages)
-# rather than tuned: `benchmarks/bench_triton.py` is the place to tune them on a GPU.
+# Chosen to stay well inside the shared memory of A100/H100-class GPUs (at most 70 KB per block with two pipeline
+# stages, as `scripts/compile_triton_kernels.py` reports), not tuned on a GPU: to tune, change them and compare
+# with `benchmarks/bench_triton.py`.
 ATTENTION_TILES = {
     "16bit": {"small_head": (64, 64), "large_head": (64, 32)},
     "fp32": {"small_head": (32, 32), "large_head": (32, 32)},
