@@ -404,7 +404,7 @@ class RatMixer(nn.Module):
         forget_gate = torch.sigmoid(self.forget_gate_proj(hidden_states).float() + self.forget_gate_bias.float())
         query = self.q_proj(hidden_states)
         key = self.k_proj(hidden_states)
-        implementation = resolve_rat_implementation(self.config, hidden_states.device)
+        implementation = resolve_rat_implementation(self.config, hidden_states.device, value.dtype)
         if cache_layer is not None and not isinstance(cache_layer, RatChunkCacheLayer):
             raise ValueError(
                 f"Layer {self.layer_idx} is a RAT layer but its cache layer is a {type(cache_layer).__name__}: the cache "
@@ -422,15 +422,16 @@ class RatMixer(nn.Module):
                 self.chunk_size, self.num_heads, self.config.rope_theta,
             )
         elif cache_layer is not None and hidden_states.shape[1] == 1 and cache_layer.is_initialized:
-            attention = self._decode_step(query, key, value, forget_gate, layout, cache_layer)
+            attention = self._decode_step(query, key, value, forget_gate, layout, cache_layer, implementation)
         else:
-            attention = self._chunked(query, key, value, forget_gate, layout, cache_layer)
+            attention = self._chunked(query, key, value, forget_gate, layout, cache_layer, implementation)
         return self.o_proj(output_gate * attention)
 
     # ----------------------------------------------------------------------------------------- fast path
 
-    def _chunked(self, query, key, value, forget_gate, layout, cache_layer):
+    def _chunked(self, query, key, value, forget_gate, layout, cache_layer, implementation="fast"):
         """Any number of tokens: chunk scan on the grid of chunks, then one inter-chunk attention call."""
+        chunk_scan, chunk_attention = _rat_kernels(implementation)
         batch_size, seq_len, hidden_size = value.shape
         heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
         dtype = value.dtype
@@ -523,7 +524,7 @@ class RatMixer(nn.Module):
             column_states = _states_after_each_column(per_token, layout.valid, cache_layer.running_state)
         cache_layer.commit(running_state, seen, seq_len, column_states, layout.valid)
 
-    def _decode_step(self, query, key, value, forget_gate, layout, cache_layer):
+    def _decode_step(self, query, key, value, forget_gate, layout, cache_layer, implementation="fast"):
         """One new column per row on top of the cache: O(chunks) work, no recomputation of the prefix."""
         batch_size, _, hidden_size = value.shape
         heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
@@ -545,15 +546,19 @@ class RatMixer(nn.Module):
         query_rotated = apply_rotary(query_heads, cos[:, None], sin[:, None])
         own_score = (query_heads * running_key).sum(-1)
         capacity = cache_layer.keys.shape[2]
-        attention = decode_attention(
-            query_rotated.to(dtype),
-            own_score,
-            running_value.to(dtype),
-            cache_layer.keys,
-            cache_layer.values,
-            chunk,  # the first `chunk` cached summaries of each row are its earlier chunks
-            scale=1.0 / math.sqrt(head_dim),
-        )  # (B, H, d)
+        # the first `chunk` cached summaries of each row are its earlier chunks
+        if implementation == "triton":  # its decode kernel: one program per row and head
+            _, triton_chunk_attention = _rat_kernels(implementation)
+            attention = triton_chunk_attention(
+                query_rotated.to(dtype)[:, None, :, None], own_score[:, None, :, None],
+                running_value.to(dtype)[:, None, :, None], cache_layer.keys, cache_layer.values, chunk,
+                scale=1.0 / math.sqrt(head_dim),
+            )
+        else:
+            attention = decode_attention(
+                query_rotated.to(dtype), own_score, running_value.to(dtype), cache_layer.keys, cache_layer.values,
+                chunk, scale=1.0 / math.sqrt(head_dim),
+            )  # (B, H, d)
         if capacity > 0:  # rows whose chunk this token completes store its summary in slot `chunk`
             completes = (valid & (index_in_chunk == chunk_size - 1))[:, None, None]
             rows = torch.arange(batch_size, device=value.device)
@@ -727,12 +732,54 @@ MIXER_CLASSES = {
 }
 
 
-def resolve_rat_implementation(config: RatConfig, device: torch.device) -> str:
-    """The path RAT layers take: the configured one, or for "auto" the fastest available for the device."""
+def resolve_rat_implementation(config: RatConfig, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """
+    The path RAT layers take: the configured one, or for "auto" the fastest available for the device: the Triton
+    kernels on CUDA when triton is installed (and the dtype is one they take), else the fast PyTorch path.
+    """
     requested = getattr(config, "rat_implementation", "auto")
+    if requested == "triton":
+        from .rat_triton import TRITON_IMPORT_ERROR, triton_is_usable
+
+        if not triton_is_usable(device, dtype):
+            reason = f"triton cannot be imported ({TRITON_IMPORT_ERROR})" if TRITON_IMPORT_ERROR else (
+                f"the kernels take CUDA tensors (or CPU tensors under TRITON_INTERPRET=1) of dtype float32, bfloat16 or "
+                f"float16, got {device} {dtype}"
+            )
+            raise ValueError(f"rat_implementation='triton' cannot run here: {reason}. Use 'auto' or 'fast'.")
+        return "triton"
     if requested != "auto":
         return requested
+    if torch.device(device).type == "cuda":
+        from .rat_triton import triton_is_usable
+
+        if triton_is_usable(device, dtype):
+            _log_once(logger.info_once, "RAT layers run the Triton kernels (rat_implementation='auto' on CUDA).")
+            return "triton"
+        _log_once(
+            logger.warning_once,
+            "RAT layers run the fast PyTorch path on CUDA: the Triton kernels need `triton` installed and float32, "
+            "bfloat16 or float16 activations.",
+        )
+        return "fast"
+    _log_once(logger.info_once, "RAT layers run the fast PyTorch path (rat_implementation='auto' off CUDA).")
     return "fast"
+
+
+def _log_once(log, message: str):
+    """Log outside torch.compile tracing only (a logging call inside a traced forward breaks the graph)."""
+    if not torch.compiler.is_compiling():
+        log(message)
+
+
+def _rat_kernels(implementation: str):
+    """(chunk_scan, chunk_attention) of the chosen path: the Triton kernels or the PyTorch ones of `rat_ops`."""
+    if implementation == "triton":
+        from .rat_triton import chunk_attention as triton_chunk_attention
+        from .rat_triton import chunk_scan as triton_chunk_scan
+
+        return triton_chunk_scan, triton_chunk_attention
+    return chunk_scan, chunk_attention
 
 
 # ================================================================================================ decoder layer
