@@ -19,7 +19,6 @@ Methods (the same for every benchmark):
 """
 
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -43,7 +42,9 @@ logger = logging.getLogger("benchmarks")
 ROOT = Path(__file__).resolve().parents[1]
 
 #: modules the server process of isolated runs imports once, so that each configuration starts in milliseconds
-PRELOAD_MODULES = ["torch", "transformers", "modeling_rat", "benchmarks.common"]
+PRELOAD_MODULES = [
+    "torch", "transformers", "modeling_rat", "benchmarks.mixer", "benchmarks.model", "benchmarks.decode", "benchmarks.cache"
+]
 
 
 class CorrectnessError(RuntimeError):
@@ -157,6 +158,12 @@ def machine_markdown(info: dict) -> str:
         f"rat-transformers {info['rat_transformers_commit'] or 'unknown commit'}",
         f"- {info['platform']}; 1-minute load average at start {info['load_average_1min']}; {info['date_utc']}",
     ]
+    probe = info.get("memory_probe")
+    if probe and probe.get("status") == "ok":
+        lines.append(
+            f"- peak memory by {probe['memory_method']}{'' if probe.get('isolated') else ' (in-process)'}: a "
+            f"{format_bytes(probe['allocated_bytes'])} allocation reads as {format_bytes(probe['peak_memory_bytes'])}"
+        )
     return "\n".join(lines)
 
 
@@ -248,7 +255,6 @@ class PeakMemory:
         self.method = None
 
     def start(self):
-        gc.collect()
         if self.device.type == "cuda":
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -309,6 +315,20 @@ def measure(step, device: torch.device, warmup: int, repeats: int, max_seconds: 
     return {"status": "ok", **timing, "peak_memory_bytes": peak, "memory_method": memory.method}
 
 
+def memory_probe(spec: dict) -> dict:
+    """
+    Allocate and fill `spec["bytes"]` bytes between the baseline and the peak reading, in a process of its own: the
+    suite runs this first, so that its report shows how the peak-memory method reads a known allocation.
+    """
+    options = RunOptions(**spec["options"])
+    prepare_process(options)
+    memory = PeakMemory(options.torch_device).start()
+    block = torch.ones(spec["bytes"] // 4, dtype=torch.float32, device=options.torch_device)
+    peak = memory.stop()
+    del block
+    return {"status": "ok", "allocated_bytes": spec["bytes"], "peak_memory_bytes": peak, "memory_method": memory.method}
+
+
 # ============================================================================================== isolated runs
 
 _CONTEXT = None
@@ -348,7 +368,6 @@ def run_case(function, spec: dict, options: RunOptions) -> dict:
         except Exception as error:  # noqa: BLE001
             return {**failure_record(error), "isolated": False}
         finally:
-            gc.collect()
             if options.torch_device.type == "cuda":
                 torch.cuda.empty_cache()
     context = _isolation_context()
@@ -476,6 +495,57 @@ def pyplot():
     return plt
 
 
+def length_axis(axis, label: str):
+    """Log-2 x axis of token counts, labelled 1K, 2K, ..."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_xscale("log", base=2)
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_length(int(round(value)))))
+    axis.set_xlabel(label)
+
+
+def byte_unit(largest: float) -> tuple[str, int]:
+    """The unit (B, KiB, MiB, GiB) to plot byte counts whose largest value is `largest`, and its size."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if largest >= size:
+            return unit, size
+    return "B", 1
+
+
+def plot_length_sweep(result: dict, path, series_field: str, series: dict, mode_labels: dict, title: str) -> None:
+    """
+    Time (top row) and peak memory (bottom row) against the sequence length, log-log, one column per mode and one
+    line per series (`series`: value of `case[series_field]` -> legend label). Failed cases are left out.
+    """
+    plt = pyplot()
+    settings = result["settings"]
+    modes = settings["modes"]
+    memories = [case["peak_memory_bytes"] for case in result["cases"] if case["status"] == "ok"]
+    unit, unit_size = byte_unit(max(memories, default=1))
+    figure, axes = plt.subplots(2, len(modes), figsize=(6 * len(modes), 8), squeeze=False, layout="constrained")
+    rows = [("median_s", "time per batch (s)", 1), ("peak_memory_bytes", f"peak memory ({unit})", unit_size)]
+    for column, mode in enumerate(modes):
+        for row, (key, label, scale) in enumerate(rows):
+            axis = axes[row][column]
+            for name, legend in series.items():
+                points = [
+                    (case["seq_len"], case[key] / scale) for case in result["cases"]
+                    if case[series_field] == name and case["mode"] == mode and case["status"] == "ok" and case.get(key)
+                ]
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=legend)
+            length_axis(axis, "sequence length T")
+            axis.set_yscale("log")
+            axis.set_ylabel(label)
+            axis.set_title(f"{mode_labels[mode]}, {settings['tokens_per_batch']:,} tokens per batch")
+            axis.grid(True, which="both", alpha=0.3)
+            if axis.lines:
+                axis.legend()
+    figure.suptitle(f"{title}, {result['options']['dtype']} on {result['options']['device']}")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -500,6 +570,13 @@ def format_bytes(size: float | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} TiB"
+
+
+def format_count(count: int) -> str:
+    for divisor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= divisor:
+            return f"{count / divisor:.3g}{suffix}"
+    return str(count)
 
 
 def format_length(tokens: int) -> str:

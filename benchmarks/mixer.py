@@ -38,9 +38,9 @@ from .common import (
     machine_info,
     markdown_table,
     measure,
+    plot_length_sweep,
     prepare_process,
     progress,
-    pyplot,
     ratio,
     require,
     run_case,
@@ -327,32 +327,6 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path) -> None:
-    plt = pyplot()
     settings = result["settings"]
-    modes = settings["modes"]
-    figure, axes = plt.subplots(2, len(modes), figsize=(6 * len(modes), 8), squeeze=False)
-    for column, mode in enumerate(modes):
-        for row, (key, label) in enumerate([("median_s", "time per batch (s)"), ("peak_memory_bytes", "peak memory (bytes)")]):
-            axis = axes[row][column]
-            for kind in MIXERS:
-                points = [
-                    (case["seq_len"], case[key]) for case in result["cases"]
-                    if case["mixer"] == kind and case["mode"] == mode and case["status"] == "ok" and case.get(key)
-                ]
-                if points:
-                    axis.plot(*zip(*points), marker="o", label=MIXER_LABELS[kind])
-            axis.set_xscale("log", base=2)
-            axis.set_yscale("log")
-            axis.set_xlabel("sequence length T")
-            axis.set_ylabel(label)
-            axis.set_title(f"{MODE_LABELS[mode]}, {settings['tokens_per_batch']:,} tokens per batch")
-            axis.grid(True, which="both", alpha=0.3)
-            if axis.lines:
-                axis.legend()
-    figure.suptitle(
-        f"Token mixer, D {settings['hidden_size']}, H {settings['num_heads']}, L {settings['chunk_size']}, "
-        f"{result['options']['dtype']} on {result['options']['device']}"
-    )
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    title = f"Token mixer, D {settings['hidden_size']}, H {settings['num_heads']}, L {settings['chunk_size']}"
+    plot_length_sweep(result, path, "mixer", MIXER_LABELS, MODE_LABELS, title)

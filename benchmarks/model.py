@@ -34,6 +34,7 @@ from .common import (
     dtype_tolerance,
     find_case,
     format_bytes,
+    format_count,
     format_length,
     format_ratio,
     format_seconds,
@@ -41,9 +42,9 @@ from .common import (
     machine_info,
     markdown_table,
     measure,
+    plot_length_sweep,
     prepare_process,
     progress,
-    pyplot,
     ratio,
     require,
     run_case,
@@ -312,7 +313,7 @@ def markdown(result: dict) -> str:
     cases = result["cases"]
     models = settings["models"]
     candidates = [name for name in models if name != BASELINE]
-    sizes = ", ".join(f"{name} {result['parameters'][name]['parameters'] / 1e6:.1f}M" for name in models)
+    sizes = ", ".join(f"{name} {format_count(result['parameters'][name]['parameters'])}" for name in models)
     parts = [
         f"### Whole model vs Llama (D {settings['hidden_size']}, {settings['num_layers']} layers, "
         f"H {settings['num_heads']}, L {settings['chunk_size']}, window {settings['sliding_window']}, "
@@ -341,32 +342,7 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path) -> None:
-    plt = pyplot()
     settings = result["settings"]
-    modes = settings["modes"]
-    figure, axes = plt.subplots(2, len(modes), figsize=(6 * len(modes), 8), squeeze=False)
-    for column, mode in enumerate(modes):
-        for row, (key, label) in enumerate([("median_s", "time per batch (s)"), ("peak_memory_bytes", "peak memory (bytes)")]):
-            axis = axes[row][column]
-            for name in settings["models"]:
-                points = [
-                    (case["seq_len"], case[key]) for case in result["cases"]
-                    if case["model"] == name and case["mode"] == mode and case["status"] == "ok" and case.get(key)
-                ]
-                if points:
-                    axis.plot(*zip(*points), marker="o", label=name)
-            axis.set_xscale("log", base=2)
-            axis.set_yscale("log")
-            axis.set_xlabel("sequence length T")
-            axis.set_ylabel(label)
-            axis.set_title(f"{MODE_LABELS[mode]}, {settings['tokens_per_batch']:,} tokens per batch")
-            axis.grid(True, which="both", alpha=0.3)
-            if axis.lines:
-                axis.legend()
-    figure.suptitle(
-        f"Language model, D {settings['hidden_size']}, {settings['num_layers']} layers, H {settings['num_heads']}, "
-        f"{result['options']['dtype']} on {result['options']['device']}"
-    )
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    title = (f"Language model, D {settings['hidden_size']}, {settings['num_layers']} layers, "
+             f"H {settings['num_heads']}, L {settings['chunk_size']}")
+    plot_length_sweep(result, path, "model", {name: name for name in settings["models"]}, MODE_LABELS, title)
