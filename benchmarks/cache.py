@@ -129,7 +129,9 @@ def measure_case(spec: dict) -> dict:
             raise RuntimeError(f"{spec['model']}: the forward pass with use_cache=True returned no cache.")
         measured = cache_nbytes(cache)
         expected = formula_bytes(model.config, context, element_size)
-        points.append({"context": context, "bytes": measured, "formula_bytes": expected, "matches_formula": measured == expected})
+        points.append(
+            {"context": context, "bytes": measured, "formula_bytes": expected, "matches_formula": measured == expected}
+        )
         del output, cache
     return {"status": "ok", "points": points}
 
@@ -167,7 +169,9 @@ def run(settings: CacheSettings, options: RunOptions, output_dir=None, machine: 
         "machine": machine or machine_info(options),
         "options": dataclasses.asdict(options),
         "settings": dataclasses.asdict(settings),
-        "measured_size": {**PRESET_SIZES[settings.size], "chunk_size": swa.chunk_size, "sliding_window": swa.sliding_window},
+        "measured_size": {
+            **PRESET_SIZES[settings.size], "chunk_size": swa.chunk_size, "sliding_window": swa.sliding_window
+        },
         "formula_size": PRESET_SIZES[settings.formula_size],
         "element_size": element_size,
         "checks": checks,

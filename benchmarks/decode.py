@@ -29,6 +29,7 @@ from modeling_rat import cache_nbytes
 from .common import (
     PeakMemory,
     RunOptions,
+    case_cell,
     compare,
     dtype_tolerance,
     failure_record,
@@ -211,7 +212,8 @@ def measure_case(spec: dict) -> dict:
     runs = []
     while len(runs) < settings.repeats:
         runs.append(generate(prompt)[0])
-        if sum(run["prefill_s"] + run["decode_s"] for run in runs) >= settings.max_seconds and len(runs) >= min(3, settings.repeats):
+        spent = sum(run["prefill_s"] + run["decode_s"] for run in runs)
+        if spent >= settings.max_seconds and len(runs) >= min(3, settings.repeats):
             break
     decode_times = [run["decode_s"] for run in runs]
     prefill_times = [run["prefill_s"] for run in runs]
@@ -249,8 +251,8 @@ def run(settings: DecodeSettings, options: RunOptions, output_dir=None, machine:
         case = {"model": name, "cache": cache, "context": context, "batch": batch_size}
         if (name, cache) in refused:
             check = refused[(name, cache)]
-            case.update(status="refused", error="its correctness check failed: "
-                        + (check.get("detail") or f"decode logits differ from the forward's by {check['relative_error']:.3g}"))
+            reason = check.get("detail") or f"decode logits differ from the forward's by {check['relative_error']:.3g}"
+            case.update(status="refused", error=f"its correctness check failed: {reason}")
         else:
             spec = {**case, "options": dataclasses.asdict(options), "settings": dataclasses.asdict(settings)}
             case.update(run_case(measure_case, spec, options))
@@ -327,13 +329,16 @@ def markdown(result: dict) -> str:
         rows = []
         for context in settings["contexts"]:
             for batch_size in settings["batches"]:
-                found = {name: find_case(cases, model=name, cache=cache, context=context, batch=batch_size) for name in models}
+                found = {
+                    name: find_case(cases, model=name, cache=cache, context=context, batch=batch_size)
+                    for name in models
+                }
                 row = [format_length(context), batch_size] + [_rate_cell(found[name]) for name in models]
                 for name in candidates:
-                    summary = find_case(result["summary"]["ratios"], model=name, cache=cache, context=context, batch=batch_size)
+                    summary = find_case(result["summary"]["ratios"], model=name, cache=cache, context=context,
+                                        batch=batch_size)
                     row.append(format_ratio(summary["speed_up"] if summary else None))
-                row += [format_bytes(found[name].get("cache_bytes")) if found[name] and found[name]["status"] == "ok" else "–"
-                        for name in models]
+                row += [case_cell(found[name], "cache_bytes", format_bytes) for name in models]
                 rows.append(row)
         title = f"**{cache} cache**" + (" (decoding step compiled by generate())" if compiled else "")
         parts += ["", title, "", markdown_table(headers, rows)]

@@ -53,7 +53,7 @@ logger = logging.getLogger("benchmarks")
 MIXERS = ("rat", "attention")
 MODES = ("forward", "forward_backward")
 MIXER_LABELS = {"rat": "RAT mixer", "attention": "SDPA attention"}
-MODE_LABELS = {"forward": "forward", "forward_backward": "forward + backward", "prefill": "prefill", "train": "training step"}
+MODE_LABELS = {"forward": "forward", "forward_backward": "forward + backward"}
 
 
 @dataclasses.dataclass
@@ -140,29 +140,29 @@ def softmax_attention_reference(mixer, hidden_states: torch.Tensor, rope_theta: 
 # ================================================================================================ correctness
 
 
-def compare_with_reference(name, module, reference, run, run_reference, inputs, output_gradient, tolerance, gradients):
+def compare_with_reference(name, module, reference, run, run_reference, inputs, output_gradient, gradients: bool):
     """Checks of `run(module, x)` against `run_reference(reference, x)` (float32): output and, if asked, every gradient."""
     dtype = next(module.parameters()).dtype
     module_inputs = inputs.detach().to(dtype).clone().requires_grad_(gradients)
     reference_inputs = module_inputs.detach().float().clone().requires_grad_(gradients)  # same values, float32
     output = run(module, module_inputs)
     reference_output = run_reference(reference, reference_inputs)
-    checks = [compare(f"{name}: output", output, reference_output, tolerance)]
+    checks = [compare(f"{name}: output", output, reference_output, dtype_tolerance(dtype))]
+    gradient_tolerance = dtype_tolerance(dtype, gradient=True)
     if gradients:
         names = [parameter_name for parameter_name, _ in module.named_parameters()]
         grads = torch.autograd.grad(output, [module_inputs, *module.parameters()], output_gradient.to(dtype))
         reference_grads = torch.autograd.grad(
-            reference_output, [reference_inputs, *reference.parameters()], output_gradient
+            reference_output, [reference_inputs, *reference.parameters()], output_gradient.to(dtype).float()
         )
         for parameter_name, grad, reference_grad in zip(["input", *names], grads, reference_grads):
-            checks.append(compare(f"{name}: gradient of {parameter_name}", grad, reference_grad, tolerance))
+            checks.append(compare(f"{name}: gradient of {parameter_name}", grad, reference_grad, gradient_tolerance))
     return checks
 
 
 def check_mixers(settings: MixerSettings, options: RunOptions) -> list[dict]:
     """The mixers exactly as timed (device, dtype, RAT implementation) against float32 references."""
     device, dtype = options.torch_device, options.torch_dtype
-    tolerance = dtype_tolerance(dtype)
     gradients = "forward_backward" in settings.modes
     generator = torch.Generator().manual_seed(options.seed)
     inputs = torch.randn(2, settings.check_length, settings.hidden_size, generator=generator).to(device)
@@ -173,14 +173,14 @@ def check_mixers(settings: MixerSettings, options: RunOptions) -> list[dict]:
     rat_reference.load_state_dict(rat.state_dict())
     checks = compare_with_reference(
         f"RAT mixer ({options.rat_implementation}, {options.dtype}) vs reference equations",
-        rat, rat_reference, call_mixer, call_mixer, inputs, output_gradient, tolerance, gradients,
+        rat, rat_reference, call_mixer, call_mixer, inputs, output_gradient, gradients,
     )
     attention = build_mixer(settings, "attention", device, dtype, seed=options.seed)
     attention_reference = copy.deepcopy(attention).float()
     checks += compare_with_reference(
         f"SDPA attention mixer ({options.dtype}) vs softmax attention written out",
         attention, attention_reference, call_mixer, softmax_attention_reference,
-        inputs, output_gradient, tolerance, gradients,
+        inputs, output_gradient, gradients,
     )
     return checks
 

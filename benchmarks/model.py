@@ -183,12 +183,13 @@ def check_model(settings: ModelSettings, name: str, options: RunOptions) -> list
         _, reference_loss, reference_grads = _forward_and_gradients(reference, ids, gradients=True, use_cache=False)
         checks.append(compare(f"{label}: training loss", loss, reference_loss, tolerance))
         if grads.keys() != reference_grads.keys():
+            differing = sorted(grads.keys() ^ reference_grads.keys())
             checks.append({"name": f"{label}: gradients", "tolerance": tolerance, "passed": False,
-                           "detail": f"different parameters got gradients: {sorted(grads.keys() ^ reference_grads.keys())}"})
+                           "detail": f"different parameters got gradients: {differing}"})
         for parameter_name in grads:
             if parameter_name in reference_grads:
                 checks.append(compare(f"{label}: gradient of {parameter_name}", grads[parameter_name],
-                                      reference_grads[parameter_name], tolerance))
+                                      reference_grads[parameter_name], dtype_tolerance(dtype, gradient=True)))
     return checks
 
 

@@ -172,7 +172,8 @@ def main(argv=None) -> int:
         logger.info("[%s] done in %.0f s", name, time.perf_counter() - begun)
 
     elapsed = time.perf_counter() - started
-    command = "python benchmarks/run.py " + " ".join(shlex.quote(arg) for arg in (argv if argv is not None else sys.argv[1:]))
+    arguments = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["python benchmarks/run.py", *(shlex.quote(argument) for argument in arguments)])
     isolation = ("each configuration in a fresh process" if options.isolate
                  else "all configurations in one process (peak memory may under-report)")
     report = "\n".join([

@@ -121,9 +121,10 @@ def test_model_benchmark_writes_json_png_and_markdown(tmp_path):
     for name in settings.models:
         assert data["parameters"][name]["parameters"] == built[name].num_parameters()
     rat_mixer_params = 4 * hidden * hidden + 2 * hidden * (hidden // settings.num_heads * settings.num_qk_groups) + hidden
-    assert data["parameters"]["llama"]["non_embedding_parameters"] - data["parameters"]["rat"]["non_embedding_parameters"] == (
-        layers * (4 * hidden * hidden + 3 * 4 * hidden * hidden) - layers * (rat_mixer_params + 2 * 4 * hidden * hidden)
-    )
+    llama_layer = 4 * hidden * hidden + 3 * 4 * hidden * hidden
+    rat_layer = rat_mixer_params + 2 * 4 * hidden * hidden
+    non_embedding = {name: data["parameters"][name]["non_embedding_parameters"] for name in settings.models}
+    assert non_embedding["llama"] - non_embedding["rat"] == layers * (llama_layer - rat_layer)
     for mode in settings.modes:
         assert set(data["summary"][mode]) == {"rat", "rat-swa"}
     assert_png(tmp_path / "model.png")
@@ -138,10 +139,12 @@ def test_decode_benchmark_writes_json_png_and_markdown(tmp_path):
     assert {(check["model"], check["cache"]) for check in data["checks"]} == {
         (name, cache_kind) for name in settings.models for cache_kind in settings.caches
     }
-    assert len(data["cases"]) == len(settings.contexts) * len(settings.batches) * len(settings.caches) * len(settings.models)
+    grid = (settings.contexts, settings.batches, settings.caches, settings.models)
+    assert len(data["cases"]) == math.prod(len(values) for values in grid)
     for case in data["cases"]:
         assert_timed(case, "decode_median_s", "decode_times_s")
-        assert case["decode_tokens_per_s"] == pytest.approx(case["batch"] * (settings.new_tokens - 1) / case["decode_median_s"])
+        decoded = case["batch"] * (settings.new_tokens - 1)
+        assert case["decode_tokens_per_s"] == pytest.approx(decoded / case["decode_median_s"])
         assert case["prefill_median_s"] > 0
         if case["model"] == "llama" and case["cache"] == "dynamic":
             # keys and values of every token fed to the model (the last generated token is never fed)
