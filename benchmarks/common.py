@@ -634,6 +634,9 @@ def break_even(lengths: list[int], ratios: list[float | None]) -> dict:
     while first_faster > 0 and points[first_faster - 1][1] >= 1:
         first_faster -= 1
     if first_faster == len(points):
+        if any(value >= 1 for _, value in points):
+            return {"status": "not_sustained", "length": None,
+                    "text": f"RAT is faster at some lengths but not at the longest ({format_length(points[-1][0])})"}
         return {"status": "not_reached", "length": None,
                 "text": f"attention is faster at every measured length (up to {format_length(points[-1][0])})"}
     if first_faster == 0:

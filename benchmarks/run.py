@@ -56,7 +56,7 @@ def settings_for(scale: str, device: str) -> dict:
             "mixer": mixer.MixerSettings(lengths=(256, 1024, 4096), tokens_per_batch=4096, warmup=1, repeats=3,
                                          max_seconds=5),
             "model": model.ModelSettings(hidden_size=256, num_layers=4, num_heads=4, vocab_size=8192,
-                                         sliding_window=257, lengths=(256, 1024, 4096), tokens_per_batch=4096,
+                                         sliding_window=257, lengths=(256, 1024, 2048), tokens_per_batch=2048,
                                          warmup=1, repeats=3, max_seconds=5),
             "decode": decode.DecodeSettings(contexts=(256, 2048), batches=(1, 8), new_tokens=16, repeats=3,
                                             max_seconds=5),
