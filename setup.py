@@ -36,6 +36,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
+        "bench": ["matplotlib>=3.8", "tqdm>=4.66"],
         "train": TRAIN,
         "dev": TRAIN + ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3"],
     },

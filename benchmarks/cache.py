@@ -27,6 +27,8 @@ from modeling_rat import RatConfig, RatForCausalLM, cache_nbytes
 from .common import (
     RunOptions,
     byte_unit,
+    check_choices,
+    check_positive,
     dtype_tolerance,
     format_bytes,
     format_length,
@@ -63,6 +65,12 @@ class CacheSettings:
     formula_contexts: tuple = (4096, 16384, 65536, 262144, 1048576)
     check_prompt_length: int = 37
     check_new_tokens: int = 21
+
+    def __post_init__(self):
+        check_choices("models", self.models, PAPER_LAYER_PATTERNS)
+        check_choices("size, formula_size", [self.size, self.formula_size], PRESET_SIZES)
+        check_positive("contexts", self.contexts)
+        check_positive("formula_contexts", self.formula_contexts)
 
 
 def preset_config(name: str, size: str, sliding_window: int | None = None, **overrides) -> RatConfig:

@@ -95,6 +95,18 @@ class RunOptions:
         return cls(device=device, dtype=dtype, threads=int(threads), **kwargs)
 
 
+def check_choices(name: str, values, allowed):
+    """Raise a ValueError naming the values of `name` that are not among `allowed`."""
+    unknown = [value for value in values if value not in allowed]
+    if unknown or not values:
+        raise ValueError(f"`{name}` must be a non-empty selection of {list(allowed)}, got {list(values)}.")
+
+
+def check_positive(name: str, values):
+    if not values or any(not isinstance(value, int) or value < 1 for value in values):
+        raise ValueError(f"`{name}` must be positive integers, got {list(values)}.")
+
+
 def usable_cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -26,6 +26,8 @@ from modeling_rat.modeling_rat import RatModel, RatSequenceLayout
 from .common import (
     RunOptions,
     break_even,
+    check_choices,
+    check_positive,
     case_cell,
     compare,
     dtype_tolerance,
@@ -70,6 +72,11 @@ class MixerSettings:
     max_seconds: float = 30.0
     #: length of the correctness checks' input (not a multiple of the chunk size: a partial last chunk)
     check_length: int = 37
+
+    def __post_init__(self):
+        check_choices("modes", self.modes, MODES)
+        check_positive("lengths", self.lengths)
+        check_positive("tokens_per_batch, repeats", [self.tokens_per_batch, self.repeats])
 
     def batch_size(self, seq_len: int) -> int:
         return max(1, self.tokens_per_batch // seq_len)

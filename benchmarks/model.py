@@ -29,6 +29,8 @@ from modeling_rat import RatConfig, RatForCausalLM
 from .common import (
     RunOptions,
     break_even,
+    check_choices,
+    check_positive,
     case_cell,
     compare,
     dtype_tolerance,
@@ -81,6 +83,12 @@ class ModelSettings:
     max_seconds: float = 60.0
     learning_rate: float = 1e-4
     check_length: int = 37
+
+    def __post_init__(self):
+        check_choices("modes", self.modes, MODES)
+        check_choices("models", self.models, (*PAPER_LAYER_PATTERNS, BASELINE))
+        check_positive("lengths", self.lengths)
+        check_positive("tokens_per_batch, repeats", [self.tokens_per_batch, self.repeats])
 
     def batch_size(self, seq_len: int) -> int:
         return max(1, self.tokens_per_batch // seq_len)

@@ -368,3 +368,16 @@ def test_cli_smoke_run_in_fresh_processes(tmp_path):
 def test_cli_rejects_unknown_benchmarks():
     with pytest.raises(SystemExit):
         suite.parse_args(["--only", "mixer,speed"])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: mixer.MixerSettings(modes=("fwd",)), "`modes`"),
+    (lambda: mixer.MixerSettings(lengths=(0, 1024)), "`lengths`"),
+    (lambda: model.ModelSettings(models=("rat", "gpt2")), "`models`"),
+    (lambda: decode.DecodeSettings(caches=("paged",)), "`caches`"),
+    (lambda: decode.DecodeSettings(new_tokens=1), "`new_tokens`"),
+    (lambda: cache.CacheSettings(size="huge"), "size"),
+])
+def test_settings_refuse_bad_values(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
