@@ -9,8 +9,8 @@ Methods (the same for every benchmark):
   were timed (or all of them, if fewer were asked for); the number of timed calls is reported.
 * Peak memory: every configuration runs in a fresh process, forked from a server process that has only imported
   the libraries (multiprocessing "forkserver"), so no earlier configuration leaves caches or freed-but-resident
-  memory behind. The baseline is taken after the model and inputs are built; the peak is what one call adds on top
-  of it: on CPU the resident-set high-water mark (`VmHWM`, reset to the current resident size before the call
+  memory behind. The baseline is taken after the model and inputs are built and one tiny call has done the
+  libraries' one-time set-up; the peak is what the first full call adds on top of it: on CPU the resident-set high-water mark (`VmHWM`, reset to the current resident size before the call
   through `/proc/self/clear_refs` on Linux; elsewhere the `ru_maxrss` increase, which can under-report), on CUDA
   `torch.cuda.max_memory_allocated`.
 * Correctness: before timing anything, a benchmark runs what it compares on a short input against a reference (the
@@ -25,7 +25,6 @@ import math
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: modules the server process of isolated runs imports once, so that each configuration starts in milliseconds
 PRELOAD_MODULES = [
-    "torch", "transformers", "modeling_rat", "benchmarks.mixer", "benchmarks.model", "benchmarks.decode", "benchmarks.cache"
+    "torch", "transformers", "modeling_rat",
+    "benchmarks.mixer", "benchmarks.model", "benchmarks.decode", "benchmarks.cache",
 ]
 
 
@@ -318,6 +318,8 @@ def _status_bytes(field: str) -> int | None:
 
 
 def _max_rss_bytes() -> int:
+    import resource  # POSIX only
+
     value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return value if sys.platform == "darwin" else value * 1024
 
@@ -405,8 +407,8 @@ def run_case(function, spec: dict, options: RunOptions) -> dict:
                 "status": "timeout",
                 "error": f"no result after {options.case_timeout_s:.0f} s (raise --case-timeout or use fewer lengths)",
             }
-    finally:
-        process.join(timeout=60)
+    finally:  # on an interruption (result still None) the process is stopped at once
+        process.join(timeout=60 if result is not None else 1)
         if process.is_alive():
             process.kill()
             process.join()
@@ -423,7 +425,8 @@ def run_case(function, spec: dict, options: RunOptions) -> dict:
 
 def failure_record(error: BaseException) -> dict:
     message = f"{type(error).__name__}: {error}"
-    out_of_memory = isinstance(error, (torch.OutOfMemoryError, MemoryError)) or any(
+    out_of_memory_types = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+    out_of_memory = isinstance(error, out_of_memory_types) or any(
         text in str(error).lower() for text in ("out of memory", "can't allocate memory", "cannot allocate memory")
     )
     return {

@@ -26,9 +26,9 @@ from modeling_rat.modeling_rat import RatModel, RatSequenceLayout
 from .common import (
     RunOptions,
     break_even,
+    case_cell,
     check_choices,
     check_positive,
-    case_cell,
     compare,
     dtype_tolerance,
     find_case,

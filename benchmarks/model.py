@@ -29,9 +29,9 @@ from modeling_rat import RatConfig, RatForCausalLM
 from .common import (
     RunOptions,
     break_even,
+    case_cell,
     check_choices,
     check_positive,
-    case_cell,
     compare,
     dtype_tolerance,
     find_case,
