@@ -58,7 +58,7 @@ def settings_for(scale: str, device: str) -> dict:
             "model": model.ModelSettings(hidden_size=256, num_layers=4, num_heads=4, vocab_size=8192,
                                          sliding_window=257, lengths=(256, 1024, 2048), tokens_per_batch=2048,
                                          warmup=1, repeats=3, max_seconds=5),
-            "decode": decode.DecodeSettings(contexts=(256, 2048), batches=(1, 8), new_tokens=16, repeats=3,
+            "decode": decode.DecodeSettings(contexts=(256, 1024), batches=(1, 8), new_tokens=16, repeats=3,
                                             max_seconds=5),
             "cache": cache.CacheSettings(size="mini", contexts=(256, 512, 1024, 2048),
                                          formula_contexts=(4096, 16384, 65536, 262144, 1048576)),
