@@ -1,0 +1,383 @@
+"""
+The benchmark suite (`benchmarks/`): every benchmark runs at toy sizes and writes well-formed JSON and PNG files;
+the correctness checks refuse wrong implementations; the measuring machinery (isolated runs, timing, peak memory)
+does what it says. No figure is asserted to be fast or slow: timings are not tests.
+"""
+
+import dataclasses
+import json
+import math
+import signal
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import cache, common, decode, mixer, model
+from benchmarks import run as suite
+from modeling_rat import RatConfig, RatForCausalLM
+from modeling_rat.modeling_rat import RatMixer
+
+
+IN_PROCESS = common.RunOptions(device="cpu", dtype="float32", threads=1, isolate=False)
+ISOLATED = dataclasses.replace(IN_PROCESS, isolate=True, case_timeout_s=300)
+SMOKE = suite.settings_for("smoke", "cpu")
+
+
+def load_json(path):
+    """Strict JSON: NaN or Infinity would raise."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG file"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 200 and image.shape[1] > 200
+    assert image.std() > 0, f"{path} is blank"
+
+
+def assert_common_fields(data, name):
+    assert data["benchmark"] == name
+    for key in ("cpu", "logical_cores", "torch", "transformers", "torch_threads", "device", "dtype"):
+        assert data["machine"][key] is not None, key
+    assert data["options"]["threads"] == 1
+    assert data["checks"] and all(check["passed"] for check in data["checks"])
+
+
+def assert_timed(case, time_key="median_s", times_key="times_s"):
+    assert case["status"] == "ok", case
+    assert case[time_key] > 0 and math.isfinite(case[time_key])
+    assert len(case[times_key]) >= 1 and min(case[times_key]) <= case[time_key] <= max(case[times_key])
+    assert isinstance(case["peak_memory_bytes"], int) and case["peak_memory_bytes"] >= 0
+    assert case["memory_method"]
+
+
+def perturbed(function, factor=1.01):
+    def wrong(*args, **kwargs):
+        return function(*args, **kwargs) * factor
+    return wrong
+
+
+class Recorder:
+    """Stands in for `run_case`: records what would have been timed."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, function, spec, options):
+        self.calls.append(spec)
+        raise AssertionError("a benchmark timed something after a failed correctness check")
+
+
+# ================================================================================================ each benchmark
+
+
+def test_mixer_benchmark_writes_json_png_and_markdown(tmp_path):
+    settings = SMOKE["mixer"]
+    result = mixer.run(settings, IN_PROCESS, output_dir=tmp_path)
+    data = load_json(tmp_path / "mixer.json")
+    assert data == common.json_ready(result)
+    assert_common_fields(data, "mixer")
+    names = [check["name"] for check in data["checks"]]
+    assert any("RAT mixer" in name and "gradient" in name for name in names)
+    assert any("SDPA attention" in name and "gradient" in name for name in names)
+    assert len(data["cases"]) == len(settings.lengths) * len(settings.modes) * len(mixer.MIXERS)
+    for case in data["cases"]:
+        assert_timed(case)
+        assert case["tokens"] == case["batch"] * case["seq_len"] == settings.tokens_per_batch
+    for mode in settings.modes:
+        rows = data["summary"][mode]["ratios"]
+        assert [row["seq_len"] for row in rows] == list(settings.lengths)
+        for row in rows:
+            attention = mixer.find_case(data["cases"], mixer="attention", mode=mode, seq_len=row["seq_len"])
+            rat = mixer.find_case(data["cases"], mixer="rat", mode=mode, seq_len=row["seq_len"])
+            assert row["time_ratio"] == pytest.approx(attention["median_s"] / rat["median_s"])
+        assert data["summary"][mode]["break_even"]["status"] in ("crossed", "below_range", "not_reached", "not_sustained")
+    assert_png(tmp_path / "mixer.png")
+    text = mixer.markdown(result)
+    assert "forward + backward" in text and text.count("\n| 16 |") == len(settings.modes)
+
+
+def test_model_benchmark_writes_json_png_and_markdown(tmp_path):
+    settings = SMOKE["model"]
+    result = model.run(settings, IN_PROCESS, output_dir=tmp_path)
+    data = load_json(tmp_path / "model.json")
+    assert_common_fields(data, "model")
+    assert {check["name"].split(" ")[0] for check in data["checks"]} == set(settings.models)
+    assert len(data["cases"]) == len(settings.lengths) * len(settings.modes) * len(settings.models)
+    for case in data["cases"]:
+        assert_timed(case)
+        assert case["tokens_per_s"] == pytest.approx(case["tokens"] / case["median_s"])
+    # equal width, depth and MLP width: Llama's SwiGLU MLP has one matrix more per layer (D x 4D)
+    hidden, layers = settings.hidden_size, settings.num_layers
+    built = {name: model.build_model(settings, name, "cpu", torch.float32) for name in settings.models}
+    for name in settings.models:
+        assert data["parameters"][name]["parameters"] == built[name].num_parameters()
+    rat_mixer_params = 4 * hidden * hidden + 2 * hidden * (hidden // settings.num_heads * settings.num_qk_groups) + hidden
+    llama_layer = 4 * hidden * hidden + 3 * 4 * hidden * hidden
+    rat_layer = rat_mixer_params + 2 * 4 * hidden * hidden
+    non_embedding = {name: data["parameters"][name]["non_embedding_parameters"] for name in settings.models}
+    assert non_embedding["llama"] - non_embedding["rat"] == layers * (llama_layer - rat_layer)
+    for mode in settings.modes:
+        assert set(data["summary"][mode]) == {"rat", "rat-swa"}
+    assert_png(tmp_path / "model.png")
+    assert "training step" in model.markdown(result)
+
+
+def test_decode_benchmark_writes_json_png_and_markdown(tmp_path):
+    settings = SMOKE["decode"]
+    result = decode.run(settings, IN_PROCESS, output_dir=tmp_path)
+    data = load_json(tmp_path / "decode.json")
+    assert_common_fields(data, "decode")
+    assert {(check["model"], check["cache"]) for check in data["checks"]} == {
+        (name, cache_kind) for name in settings.models for cache_kind in settings.caches
+    }
+    grid = (settings.contexts, settings.batches, settings.caches, settings.models)
+    assert len(data["cases"]) == math.prod(len(values) for values in grid)
+    for case in data["cases"]:
+        assert_timed(case, "decode_median_s", "decode_times_s")
+        decoded = case["batch"] * (settings.new_tokens - 1)
+        assert case["decode_tokens_per_s"] == pytest.approx(decoded / case["decode_median_s"])
+        assert case["prefill_median_s"] > 0
+        if case["model"] == "llama" and case["cache"] == "dynamic":
+            # keys and values of every token fed to the model (the last generated token is never fed)
+            tokens = case["context"] + settings.new_tokens - 1
+            assert case["cache_bytes"] == 2 * settings.num_layers * case["batch"] * tokens * settings.hidden_size * 4
+    for row in data["summary"]["ratios"]:
+        assert row["speed_up"] is not None and row["cache_ratio"] > 1  # a RAT cache is smaller than Llama's
+    assert_png(tmp_path / "decode.png")
+    text = decode.markdown(result)
+    assert "**dynamic cache**" in text and "**static cache**" in text
+
+
+def test_cache_benchmark_matches_the_formula(tmp_path):
+    settings = SMOKE["cache"]
+    result = cache.run(settings, IN_PROCESS, output_dir=tmp_path)
+    data = load_json(tmp_path / "cache.json")
+    assert_common_fields(data, "cache")
+    assert data["all_match_formula"] is True
+    assert [entry["model"] for entry in data["models"]] == list(cache.PAPER_MODELS)
+    hidden = data["measured_size"]["hidden_size"]
+    layers = data["measured_size"]["num_hidden_layers"]
+    by_model = {entry["model"]: {point["context"]: point["bytes"] for point in entry["points"]} for entry in data["models"]}
+    for context in settings.contexts:
+        assert by_model["attention"][context] == layers * 2 * context * hidden * 4
+        assert by_model["rnn"][context] == layers * hidden * 4
+    assert_png(tmp_path / "cache.png")
+    assert "every measurement equals the formula" in cache.markdown(result)
+
+
+def test_cache_formula_by_hand():
+    config = RatConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, chunk_size=16, sliding_window=33,
+                       layer_types=["rat", "full_attention", "sliding_attention", "rnn"])
+    # rat: 2 * floor(100/16) * 64 * 2 bytes + 2 * 64 * 4; full: 2 * 100 * 64 * 2; sliding: 2 * 32 * 64 * 2; rnn: 64 * 4
+    expected = (2 * 6 * 64 * 2 + 2 * 64 * 4) + 2 * 100 * 64 * 2 + 2 * 32 * 64 * 2 + 64 * 4
+    assert cache.formula_bytes(config, 100, element_size=2) == expected
+    assert cache.formula_bytes(config, 10, element_size=4) == (0 + 2 * 64 * 4) + 2 * 10 * 64 * 4 + 2 * 10 * 64 * 4 + 64 * 4
+
+
+# ============================================================================================= refusing to time
+
+
+def test_mixer_benchmark_refuses_a_wrong_rat_mixer(monkeypatch):
+    original = RatMixer.forward
+
+    def wrong_fast_path(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        return out if self.config.rat_implementation == "reference" else out * 1.01
+
+    monkeypatch.setattr(RatMixer, "forward", wrong_fast_path)
+    recorder = Recorder()
+    monkeypatch.setattr(mixer, "run_case", recorder)
+    with pytest.raises(common.CorrectnessError, match="refusing to time it") as error:
+        mixer.run(SMOKE["mixer"], IN_PROCESS)
+    assert "RAT mixer" in str(error.value) and "SDPA attention" not in str(error.value)
+    assert recorder.calls == []
+
+
+def test_mixer_benchmark_refuses_a_wrong_attention(monkeypatch):
+    monkeypatch.setattr(F, "scaled_dot_product_attention", perturbed(F.scaled_dot_product_attention))
+    recorder = Recorder()
+    monkeypatch.setattr(mixer, "run_case", recorder)
+    with pytest.raises(common.CorrectnessError) as error:
+        mixer.run(SMOKE["mixer"], IN_PROCESS)
+    assert "SDPA attention mixer" in str(error.value)
+    assert recorder.calls == []
+
+
+def test_model_benchmark_refuses_wrong_models(monkeypatch):
+    original = RatMixer.forward
+
+    def wrong_fast_path(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        return out if self.config.rat_implementation == "reference" else out + 0.01
+
+    monkeypatch.setattr(RatMixer, "forward", wrong_fast_path)
+    recorder = Recorder()
+    monkeypatch.setattr(model, "run_case", recorder)
+    with pytest.raises(common.CorrectnessError) as error:
+        model.run(SMOKE["model"], IN_PROCESS)
+    message = str(error.value)
+    assert "rat auto" in message and "rat-swa auto" in message and "llama" not in message
+    assert recorder.calls == []
+
+    monkeypatch.setattr(RatMixer, "forward", original)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", perturbed(F.scaled_dot_product_attention))
+    with pytest.raises(common.CorrectnessError, match="llama sdpa"):
+        model.run(dataclasses.replace(SMOKE["model"], models=("llama",)), IN_PROCESS)
+    assert recorder.calls == []
+
+
+def _perturb_decoding(monkeypatch, only_static: bool):
+    """RatForCausalLM.forward returns wrong logits for single-token (decoding) steps."""
+    original = RatForCausalLM.forward
+
+    def forward(self, input_ids=None, *args, **kwargs):
+        output = original(self, input_ids, *args, **kwargs)
+        cache_object = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        is_static = type(cache_object).__name__ == "StaticCache"
+        if input_ids is not None and input_ids.shape[1] == 1 and (is_static or not only_static):
+            output.logits = output.logits + 0.5
+        return output
+
+    monkeypatch.setattr(RatForCausalLM, "forward", forward)
+
+
+def test_decode_benchmark_refuses_wrong_decoding(monkeypatch):
+    _perturb_decoding(monkeypatch, only_static=False)
+    recorder = Recorder()
+    monkeypatch.setattr(decode, "run_case", recorder)
+    with pytest.raises(common.CorrectnessError, match="rat generate\\(\\) with the dynamic cache"):
+        decode.run(SMOKE["decode"], IN_PROCESS)
+    assert recorder.calls == []
+
+
+def test_decode_benchmark_reports_a_wrong_static_cache_and_goes_on(monkeypatch, tmp_path):
+    _perturb_decoding(monkeypatch, only_static=True)
+    settings = dataclasses.replace(SMOKE["decode"], contexts=(8,), batches=(1,))
+    result = decode.run(settings, IN_PROCESS, output_dir=tmp_path)
+    statuses = {(case["model"], case["cache"]): case["status"] for case in result["cases"]}
+    assert statuses == {("rat", "dynamic"): "ok", ("llama", "dynamic"): "ok",
+                        ("rat", "static"): "refused", ("llama", "static"): "ok"}
+    refused = next(case for case in result["cases"] if case["status"] == "refused")
+    assert "correctness check failed" in refused["error"]
+    text = decode.markdown(result)
+    assert "Not timed (correctness check failed)" in text and "| refused |" in text
+    assert load_json(tmp_path / "decode.json")["cases"][2]["status"] == "refused"
+
+
+def test_decode_benchmark_reports_a_static_cache_that_raises(monkeypatch):
+    original = RatForCausalLM.forward
+
+    def forward(self, *args, **kwargs):
+        if type(kwargs.get("cache")).__name__ == "StaticCache":
+            raise KeyError("rat")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RatForCausalLM, "forward", forward)
+    settings = dataclasses.replace(SMOKE["decode"], contexts=(8,), batches=(1,), models=("rat",))
+    result = decode.run(settings, IN_PROCESS)
+    static = next(case for case in result["cases"] if case["cache"] == "static")
+    assert static["status"] == "refused" and "KeyError" in static["error"]
+
+
+def test_cache_benchmark_refuses_wrong_decoding_and_reports_formula_mismatches(monkeypatch):
+    settings = dataclasses.replace(SMOKE["cache"], models=("rat", "attention"))
+    monkeypatch.setattr(cache, "cache_nbytes", lambda cache_object: 123)
+    result = cache.run(settings, IN_PROCESS)
+    assert result["all_match_formula"] is False
+    assert all(not point["matches_formula"] for entry in result["models"] for point in entry["points"])
+    assert "some measurements differ from the formula" in cache.markdown(result)
+
+    _perturb_decoding(monkeypatch, only_static=False)
+    with pytest.raises(common.CorrectnessError, match="rat \\(tiny\\) generate"):
+        cache.run(settings, IN_PROCESS)
+
+
+# ============================================================================================== the machinery
+
+
+def test_break_even():
+    crossed = mixer.break_even([1024, 2048, 4096], [0.5, 0.8, 2.0])
+    assert crossed["status"] == "crossed" and crossed["between"] == [2048, 4096]
+    # log-log interpolation: ratio 0.8 -> 2.0 over one doubling crosses 1 at 2048 * 2 ** (log(1.25) / log(2.5))
+    assert crossed["length"] == round(2048 * 2 ** (math.log(1.25) / math.log(2.5)))
+    assert mixer.break_even([1, 2], [1.5, 3.0])["status"] == "below_range"
+    assert mixer.break_even([1, 2], [0.5, 0.9])["status"] == "not_reached"
+    assert mixer.break_even([1, 2, 4], [1.1, 1.5, 0.7])["status"] == "not_sustained"
+    assert mixer.break_even([1, 2], [None, None])["status"] == "unknown"
+    # a crossing followed by a dip below 1 again: the break-even is where RAT stays faster
+    assert mixer.break_even([1, 2, 4, 8], [0.5, 1.2, 0.9, 1.5])["between"] == [4, 8]
+
+
+def test_time_call_warms_up_then_times_until_the_budget():
+    calls = []
+    timing = common.time_call(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=5, max_seconds=1e9)
+    assert len(calls) == 7 and len(timing["times_s"]) == 5 and timing["warmup_runs"] == 2
+    calls.clear()
+    timing = common.time_call(lambda: calls.append(1), torch.device("cpu"), warmup=0, repeats=5, max_seconds=0)
+    assert len(timing["times_s"]) == 3  # the budget is spent, but at least three runs are timed
+    with pytest.raises(ValueError, match="repeats"):
+        common.time_call(lambda: None, torch.device("cpu"), warmup=0, repeats=0, max_seconds=1)
+
+
+@pytest.mark.slow  # starts the process server (imports torch and transformers once)
+def test_isolated_runs_report_failures_crashes_and_timeouts():
+    failed = common.run_case(math.sqrt, -1.0, ISOLATED)
+    assert failed["status"] == "failed" and "ValueError" in failed["error"] and failed["isolated"]
+    crashed = common.run_case(signal.raise_signal, signal.SIGKILL, ISOLATED)
+    assert crashed["status"] == "crashed" and "signal 9" in crashed["error"]
+    timed_out = common.run_case(time.sleep, 60, dataclasses.replace(ISOLATED, case_timeout_s=1))
+    assert timed_out["status"] == "timeout"
+    out_of_memory = common.failure_record(torch.OutOfMemoryError("CUDA out of memory"))
+    assert out_of_memory["status"] == "out_of_memory"
+
+
+@pytest.mark.slow  # starts the process server (imports torch and transformers once)
+def test_peak_memory_reads_a_known_allocation_in_a_fresh_process():
+    size = 64 * 2**20
+    probe = common.run_case(common.memory_probe, {"bytes": size, "options": dataclasses.asdict(ISOLATED)}, ISOLATED)
+    assert probe["status"] == "ok" and probe["isolated"]
+    # the tensor's pages plus at most a few MiB of allocator bookkeeping
+    assert size <= probe["peak_memory_bytes"] <= size + 8 * 2**20, probe
+
+
+@pytest.mark.slow  # starts the process server (imports torch and transformers once)
+def test_cli_smoke_run_in_fresh_processes(tmp_path):
+    code = suite.main(["--smoke", "--only", "cache,mixer", "--threads", "1", "--output", str(tmp_path)])
+    assert code == 0
+    report = (tmp_path / "results.md").read_text()
+    assert "CPU:" in report and "torch threads 1" in report and "Token mixer" in report and "Decoding cache" in report
+    assert "allocation reads as" in report
+    for name in ("mixer", "cache"):
+        data = load_json(tmp_path / f"{name}.json")
+        assert data["machine"]["memory_probe"]["status"] == "ok"
+        assert_png(tmp_path / f"{name}.png")
+    mixer_cases = load_json(tmp_path / "mixer.json")["cases"]
+    assert all(case["status"] == "ok" and case["isolated"] for case in mixer_cases)
+    assert not (tmp_path / "model.json").exists()
+
+
+def test_cli_rejects_unknown_benchmarks():
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--only", "mixer,speed"])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: mixer.MixerSettings(modes=("fwd",)), "`modes`"),
+    (lambda: mixer.MixerSettings(lengths=(0, 1024)), "`lengths`"),
+    (lambda: model.ModelSettings(models=("rat", "gpt2")), "`models`"),
+    (lambda: decode.DecodeSettings(caches=("paged",)), "`caches`"),
+    (lambda: decode.DecodeSettings(new_tokens=1), "`new_tokens`"),
+    (lambda: cache.CacheSettings(size="huge"), "size"),
+])
+def test_settings_refuse_bad_values(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
