@@ -464,8 +464,9 @@ class RatMixer(nn.Module):
 
         states = chunk_scan(gates, inputs, initial_state)  # (N, C, L, 2, D) fp32
         num_rows, num_chunks = states.shape[:2]
-        running_value = states[..., 0, :].reshape(num_rows, num_chunks, chunk_size, heads, head_dim)
-        running_key = states[..., 1, :].reshape(num_rows, num_chunks, chunk_size, heads, head_dim)
+        running_value, running_key = (  # one backward node for both (selects would each zero-fill a gradient)
+            stream.reshape(num_rows, num_chunks, chunk_size, heads, head_dim) for stream in states.unbind(dim=-2)
+        )
         # Queries stay in their G groups until the attention call: rotation and the own score need no tiling.
         query_grid = grid.to_grid(query).float().reshape(num_rows, num_chunks, chunk_size, 1, groups, head_dim)
         cos, sin = rotary_cos_sin(grid.chunk_index, head_dim, self.config.rope_theta, torch.float32)  # (N, C, d)

@@ -246,8 +246,11 @@ def _cumulative_gate_product(block_gates: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ chunk attention
 
 
-def padded_head_dim(head_dim: int) -> int:
-    """Head size of the augmented attention inputs: d + 1, rounded up to a multiple of 8 for fast kernels."""
+def padded_head_dim(head_dim: int, device: torch.device | str = "cuda") -> int:
+    """Head size of the augmented attention inputs: d + 1, rounded up to a multiple of 8 for GPU kernels (the CPU
+    flash kernel takes any size, and padding would only add work)."""
+    if torch.device(device).type == "cpu":
+        return head_dim + 1
     return -(-(head_dim + 1) // 8) * 8
 
 
@@ -293,7 +296,7 @@ def chunk_attention(
     Returns (N, L, H, C, d).
     """
     num_rows, chunk_size, num_heads, num_chunks, head_dim = query.shape
-    width = padded_head_dim(head_dim)
+    width = padded_head_dim(head_dim, query.device)
     dtype = query.dtype
     # The L tokens of a chunk see the same keys: they become L query heads sharing one key/value head
     # (grouped-query attention), query head h * L + l for token l of head h.
@@ -318,9 +321,10 @@ def chunk_attention(
     else:
         mask = chunk_attention_mask(history_count, num_keys - (num_chunks - 1), num_chunks)
         out = F.scaled_dot_product_attention(query_aug, key_aug, value_aug, attn_mask=mask, scale=scale, enable_gqa=True)
-    out = out.reshape(num_rows, num_heads, chunk_size, num_chunks, width)
-    result = out[..., :head_dim] + out[..., head_dim : head_dim + 1] * own_value.transpose(1, 2)
-    return result.transpose(1, 2)
+    attended, own_weight, _ = out.reshape(num_rows, num_heads, chunk_size, num_chunks, width).split(
+        [head_dim, 1, width - head_dim - 1], dim=-1
+    )
+    return (attended + own_weight * own_value.transpose(1, 2)).transpose(1, 2)
 
 
 def decode_attention(
