@@ -40,6 +40,7 @@ from .rat_ops import (
     rat_reference,
     rnn_reference,
     rotary_cos_sin,
+    sliding_window_attention,
     tile_groups,
 )
 
@@ -684,7 +685,9 @@ class RatAttention(nn.Module):
         query = apply_rotary(query, cos[:, None], sin[:, None])
         key = apply_rotary(key, cos[:, None], sin[:, None])
         if cache_layer is None:
-            mask = layout.attention_mask_for(None, self.sliding_window)
+            mask = None if layout.simple and self.sliding_window is not None and seq_len > 2 * self.sliding_window else (
+                layout.attention_mask_for(None, self.sliding_window)
+            )
         else:
             self._check_cache_layer(cache_layer, batch_size, layout.past_columns)
             key, value = cache_layer.update(key, value)
@@ -692,7 +695,13 @@ class RatAttention(nn.Module):
             returned = key.shape[2]
             key_columns = max(total - returned, 0) + torch.arange(returned, device=key.device)
             mask = layout.attention_mask_for(key_columns, self.sliding_window)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None)
+        long_window_prefill = (
+            self.sliding_window is not None and layout.simple and key.shape[2] == seq_len and seq_len > 2 * self.sliding_window
+        )
+        if long_window_prefill:  # blocks of queries: O(T * window) time and memory instead of a T x T mask
+            out = sliding_window_attention(query, key, value, self.sliding_window)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
 
     def _check_cache_layer(self, cache_layer, batch_size, past_columns):

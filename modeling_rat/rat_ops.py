@@ -347,3 +347,26 @@ def decode_attention(
     weights = torch.cat([own_score.float().unsqueeze(-1), scores], dim=-1).mul(scale).softmax(dim=-1)
     out = torch.matmul(weights[..., 1:].unsqueeze(2).to(value_summaries.dtype), value_summaries).squeeze(2)
     return (out.float() + weights[..., :1] * own_value.float()).to(own_value.dtype)
+
+
+def sliding_window_attention(query, key, value, window: int, block_size: int | None = None) -> torch.Tensor:
+    """
+    Causal attention of (B, H, T, d) queries to the keys at most `window - 1` tokens back (a query sees `window`
+    tokens, itself included), computed in blocks of queries so that time and memory grow as T * window instead of
+    T^2: each block of queries attends, through SDPA, to the keys from `window - 1` before it to its end.
+    """
+    seq_len = query.shape[2]
+    block_size = block_size or max(window, 128)
+    outputs = []
+    for start in range(0, seq_len, block_size):
+        end = min(start + block_size, seq_len)
+        key_start = max(0, start - window + 1)
+        query_columns = torch.arange(start, end, device=query.device)[:, None]
+        key_columns = torch.arange(key_start, end, device=query.device)[None, :]
+        allowed = (key_columns <= query_columns) & (query_columns - key_columns < window)
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end], key[:, :, key_start:end], value[:, :, key_start:end], attn_mask=allowed
+            )
+        )
+    return torch.cat(outputs, dim=2)

@@ -283,3 +283,14 @@ def test_long_sequence_not_a_multiple_of_the_chunk_size_runs_in_bfloat16_and_flo
     ids = random_ids(1, 16 * 7 + 5)
     out = logits_of(model, ids)
     assert out.shape == (1, 117, 61) and torch.isfinite(out).all()
+
+
+def test_long_prefill_of_sliding_layers_runs_in_blocks_and_matches_the_masked_path():
+    """Beyond 2 windows the sliding layers attend block by block (O(T * window)); same logits as with the mask."""
+    model = tiny_model(["sliding_attention", "rat"], sliding_window=5)
+    ids = random_ids(2, 23)
+    blocked = logits_of(model, ids)
+    # a left-padded batch takes the masked path (the general layout)
+    padded = logits_of(model, torch.cat([torch.zeros(2, 1, dtype=torch.long), ids], 1),
+                       attention_mask=torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.ones_like(ids)], 1))
+    torch.testing.assert_close(blocked, padded[:, 1:], rtol=1e-5, atol=1e-5)

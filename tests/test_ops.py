@@ -133,3 +133,19 @@ def test_decode_attention_equals_chunk_attention_for_one_token(dtype, tolerance)
     actual = decode_attention(query.to(dtype), own_score, own_value.to(dtype), keys.to(dtype), values.to(dtype), count, scale=0.4)
     torch.testing.assert_close(actual.float(), expected, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(decode_attention(query, own_score, own_value, keys, values, count, 0.4)[0], own_value[0])
+
+
+@pytest.mark.parametrize("length, window, block", [(50, 7, 8), (64, 16, 16), (33, 1, 5), (40, 64, 128)])
+def test_blocked_sliding_window_attention_equals_the_masked_one(length, window, block):
+    from modeling_rat.rat_ops import sliding_window_attention
+
+    torch.manual_seed(length)
+    query, key, value = (torch.randn(2, 3, length, 8, requires_grad=True) for _ in range(3))
+    columns = torch.arange(length)
+    allowed = (columns[None, :] <= columns[:, None]) & (columns[:, None] - columns[None, :] < window)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed)
+    actual = sliding_window_attention(query, key, value, window, block_size=block)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    weight = torch.randn_like(expected)
+    for got, want in zip(_grads(actual, [query, key, value], weight), _grads(expected, [query, key, value], weight)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
