@@ -19,8 +19,15 @@ if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
     "$VENV_PY" -m pip install -q "torch>=2.5"
   else
     echo "[setup] no CUDA: installing the CPU build of torch 2.13.0"
-    "$VENV_PY" -m pip install -q --no-index "torch==2.13.0" 2>/dev/null \
-      || "$VENV_PY" -m pip install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
+    WHEEL_CHECK="$(mktemp -d)"
+    if "$VENV_PY" -m pip download -q --no-deps --no-index "torch==2.13.0" -d "$WHEEL_CHECK" 2>/dev/null; then
+      # a local CPU build is on pip's find-links: pip prefers 2.13.0+cpu over the plain (CUDA) 2.13.0
+      "$VENV_PY" -m pip install -q "torch==2.13.0"
+    else
+      "$VENV_PY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
+        --extra-index-url https://pypi.org/simple
+    fi
+    rm -rf "$WHEEL_CHECK"
   fi
 fi
 STAMP="$VENV/.rat-installed"
