@@ -121,6 +121,11 @@ class RatSequenceLayout:
             positions = position_ids.to(device=device, dtype=torch.long)
             if positions.dim() == 1:
                 positions = positions.unsqueeze(0)
+            if positions.dim() != 2 or positions.shape[1] != seq_len or positions.shape[0] not in (1, batch_size):
+                raise ValueError(
+                    f"`position_ids` has shape {tuple(position_ids.shape)} but the input has {batch_size} rows of "
+                    f"{seq_len} new tokens: give one position per new token, shape ({batch_size}, {seq_len})."
+                )
             positions = positions.expand(batch_size, seq_len)
         elif key_positions is not None:
             positions = key_positions[:, past_columns:]
@@ -913,6 +918,13 @@ class RatModel(RatPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
+        if seq_len == 0:
+            cached = int(cache.get_seq_length()) if cache is not None else 0
+            raise ValueError(
+                "The input has no new token" + (f" (the cache already holds {cached} tokens)" if cached else "") + ": "
+                "with a cache, pass the whole sequence to generate() (the cached tokens followed by the new ones), or "
+                "at least one new token to forward()."
+            )
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"`cache` must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}.")
 

@@ -292,3 +292,32 @@ def test_compiled_decode_step_with_a_static_cache_does_not_recompile_per_token(p
     assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 12 decode steps"
     again = decode(compiled_forward)  # a new cache object of the same shapes reuses the compiled code
     assert torch.equal(again, eager) and counter.frame_count <= 2
+
+
+def test_cache_longer_than_the_inputs_imply_is_refused():
+    model = model_for("rat+full")
+    ids = random_ids(2, 9)
+    _, cache = run_in_pieces(model, ids, [9])
+    with pytest.raises(ValueError, match="already holds 9 tokens"):
+        model.generate(ids[:, :4], cache=cache, max_new_tokens=3, pad_token_id=0)
+    with pytest.raises(ValueError, match="one position per new token"):
+        model(ids[:, :3], position_ids=torch.arange(5)[None], use_cache=False)
+
+
+def test_rat_cache_is_one_chunk_size_of_llamas_cache_plus_the_running_state():
+    """A real Llama of the same width, depth and heads, prefilled with the same number of tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, heads, layers, chunk_size = 32, 4, 2, 4
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=hidden, intermediate_size=4 * hidden,
+                                         num_hidden_layers=layers, num_attention_heads=heads,
+                                         num_key_value_heads=heads)).eval()
+    rat = tiny_model(["rat"] * layers, chunk_size=chunk_size)
+    for length in (8, 16, 64):
+        ids = random_ids(3, length)
+        with torch.no_grad():
+            llama_out = llama(ids, use_cache=True)
+        llama_cache = getattr(llama_out, "cache", None) if "cache" in llama_out else llama_out.past_key_values
+        _, rat_cache = run_in_pieces(rat, ids, [length])
+        per_sequence_state = 2 * hidden * 4 * layers  # running value and key sums, fp32
+        assert cache_nbytes(rat_cache) == cache_nbytes(llama_cache) // chunk_size + 3 * per_sequence_state
