@@ -36,6 +36,7 @@ from .rat_ops import (
     chunk_attention,
     chunk_scan,
     decode_attention,
+    gated_chunk_scan,
     linear_recurrence,
     rat_reference,
     rnn_reference,
@@ -405,12 +406,7 @@ class RatMixer(nn.Module):
         self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, layout: RatSequenceLayout, cache_layer=None) -> torch.Tensor:
-        output_gate = torch.sigmoid(self.output_gate_proj(hidden_states))
-        value = self.v_proj(hidden_states)
-        forget_gate = torch.sigmoid(self.forget_gate_proj(hidden_states).float() + self.forget_gate_bias.float())
-        query = self.q_proj(hidden_states)
-        key = self.k_proj(hidden_states)
-        implementation = resolve_rat_implementation(self.config, hidden_states.device, value.dtype)
+        implementation = resolve_rat_implementation(self.config, hidden_states.device, hidden_states.dtype)
         if cache_layer is not None and not isinstance(cache_layer, RatChunkCacheLayer):
             raise ValueError(
                 f"Layer {self.layer_idx} is a RAT layer but its cache layer is a {type(cache_layer).__name__}: the cache "
@@ -424,57 +420,71 @@ class RatMixer(nn.Module):
                     "use_cache=False, or use the 'fast' implementation."
                 )
             attention = rat_reference(
-                query, key, value, forget_gate, layout.positions, layout.valid,
+                self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
+                self._forget_gate(hidden_states), layout.positions, layout.valid,
                 self.chunk_size, self.num_heads, self.config.rope_theta,
             )
         elif cache_layer is not None and hidden_states.shape[1] == 1 and cache_layer.is_initialized:
-            attention = self._decode_step(query, key, value, forget_gate, layout, cache_layer, implementation)
+            attention = self._decode_step(
+                self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
+                self._forget_gate(hidden_states), layout, cache_layer, implementation,
+            )
         else:
-            attention = self._chunked(query, key, value, forget_gate, layout, cache_layer, implementation)
-        return self.o_proj(output_gate * attention)
+            attention = self._chunked(hidden_states, layout, cache_layer, implementation)
+        # The output gate is computed last, so that it is not held while the attention is computed.
+        return self.o_proj(torch.sigmoid(self.output_gate_proj(hidden_states)) * attention)
+
+    def _forget_gate(self, hidden_states):
+        """f = sigmoid(W_f x + b_f), in fp32."""
+        return torch.sigmoid(self.forget_gate_proj(hidden_states).float() + self.forget_gate_bias.float())
 
     # ----------------------------------------------------------------------------------------- fast path
 
-    def _chunked(self, query, key, value, forget_gate, layout, cache_layer, implementation="fast"):
-        """Any number of tokens: chunk scan on the grid of chunks, then one inter-chunk attention call."""
+    def _chunked(self, hidden_states, layout, cache_layer, implementation="fast"):
+        """
+        Any number of tokens: the chunk scan on the grid of chunks, then one inter-chunk attention call. Projections
+        are computed where they are needed and dropped after use, which keeps the peak memory low.
+        """
         chunk_scan, chunk_attention = _rat_kernels(implementation)
-        batch_size, seq_len, hidden_size = value.shape
+        batch_size, seq_len, hidden_size = hidden_states.shape
         heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
-        dtype = value.dtype
+        groups, copies = self.num_qk_groups, heads // self.num_qk_groups
+        device = hidden_states.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.v_proj.weight.dtype
         if cache_layer is not None:
-            cache_layer.prepare(batch_size, heads, head_dim, chunk_size, dtype, value.device)
+            cache_layer.prepare(batch_size, heads, head_dim, chunk_size, dtype, device)
         if layout.num_sequences == 0:  # only padding: nothing enters the state, outputs are never used
             if cache_layer is not None:
                 cache_layer.skip_columns(seq_len)
-            return value.new_zeros(value.shape)
+            return hidden_states.new_zeros(hidden_states.shape)
         grid = layout.chunk_grid(chunk_size)
-        groups, copies = self.num_qk_groups, heads // self.num_qk_groups
-        input_gate = 1 - forget_gate  # (B, T, D) fp32
-        # The key is tiled over the heads (head h reads group h % G): multiply by broadcasting instead of copying.
-        gated_key = input_gate.view(batch_size, seq_len, copies, groups * head_dim) * key.float().unsqueeze(2)
-        inputs = torch.stack([input_gate * value.float(), gated_key.view(batch_size, seq_len, hidden_size)], dim=2)
-        gates = grid.to_grid(forget_gate, fill=1.0)  # (N, C, L, D)
-        inputs = grid.to_grid(inputs)  # (N, C, L, 2, D)
 
         initial_state, history_keys, history_values, history_count = None, None, None, None
-        if cache_layer is not None:
-            if bool(grid.continues_cache.any()):
-                rows = grid.row_of_batch
-                seen = cache_layer.seen[rows]
-                resume = grid.continues_cache & (seen % chunk_size != 0)
-                initial_state = torch.where(resume[:, None, None], cache_layer.running_state[rows], 0.0)
-                history_count = torch.where(grid.continues_cache, cache_layer.completed_chunks()[rows], 0)
-                num_history = int(history_count.max())
-                history_keys = cache_layer.keys[rows, :, :num_history]
-                history_values = cache_layer.values[rows, :, :num_history]
+        if cache_layer is not None and bool(grid.continues_cache.any()):
+            rows = grid.row_of_batch
+            seen = cache_layer.seen[rows]
+            resume = grid.continues_cache & (seen % chunk_size != 0)
+            initial_state = torch.where(resume[:, None, None], cache_layer.running_state[rows], 0.0)
+            history_count = torch.where(grid.continues_cache, cache_layer.completed_chunks()[rows], 0)
+            num_history = int(history_count.max())
+            history_keys = cache_layer.keys[rows, :, :num_history]
+            history_values = cache_layer.values[rows, :, :num_history]
 
-        states = chunk_scan(gates, inputs, initial_state)  # (N, C, L, 2, D) fp32
+        states = gated_chunk_scan(  # (N, C, L, 2, D) fp32: running [value, key] sums
+            grid.to_grid(self._forget_gate(hidden_states), fill=1.0),
+            grid.to_grid(self.v_proj(hidden_states)),
+            grid.to_grid(self.k_proj(hidden_states)),
+            initial_state,
+            scan=chunk_scan if implementation == "triton" else None,
+        )
         num_rows, num_chunks = states.shape[:2]
         running_value, running_key = (  # one backward node for both (selects would each zero-fill a gradient)
             stream.reshape(num_rows, num_chunks, chunk_size, heads, head_dim) for stream in states.unbind(dim=-2)
         )
         # Queries stay in their G groups until the attention call: rotation and the own score need no tiling.
-        query_grid = grid.to_grid(query).float().reshape(num_rows, num_chunks, chunk_size, 1, groups, head_dim)
+        query_grid = grid.to_grid(self.q_proj(hidden_states)).float().reshape(
+            num_rows, num_chunks, chunk_size, 1, groups, head_dim
+        )
         cos, sin = rotary_cos_sin(grid.chunk_index, head_dim, self.config.rope_theta, torch.float32)  # (N, C, d)
         query_rotated = apply_rotary(query_grid, cos[:, :, None, None, None], sin[:, :, None, None, None])
         query_rotated = query_rotated.to(dtype).expand(-1, -1, -1, copies, -1, -1).reshape(
@@ -499,9 +509,11 @@ class RatMixer(nn.Module):
             history_count,
             scale=1.0 / math.sqrt(head_dim),
         )  # (N, L, H, C, d)
+        del query_rotated, query_grid, own_score, running_key  # free what autograd does not keep
         attention = attention.permute(0, 3, 1, 2, 4).reshape(num_rows, num_chunks, chunk_size, hidden_size)
         if cache_layer is not None:
             self._store(cache_layer, grid, layout, states, key_summaries, value_summaries)
+        del states, running_value
         return grid.from_grid(attention, seq_len)
 
     def _store(self, cache_layer, grid, layout, states, key_summaries, value_summaries):

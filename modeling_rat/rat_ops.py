@@ -147,41 +147,100 @@ def chunk_scan_reference(gates: torch.Tensor, inputs: torch.Tensor, initial_stat
     return torch.stack(states, dim=2)
 
 
+def _scan_forward(gates, inputs, initial_state):
+    """h[:, c, l] = gates[:, c, l] * h[:, c, l-1] + inputs[:, c, l], written in place step by step."""
+    states = torch.empty_like(inputs)
+    states[:, :, 0] = inputs[:, :, 0]
+    if initial_state is not None:
+        states[:, 0, 0] += gates[:, 0, 0].unsqueeze(-2) * initial_state
+    for index in range(1, gates.shape[2]):
+        torch.addcmul(inputs[:, :, index], gates[:, :, index].unsqueeze(-2), states[:, :, index - 1], out=states[:, :, index])
+    return states
+
+
+def _scan_backward(gates, states, initial_state, grad_states):
+    """Reverse scan: (gradient reaching each state = gradient of the inputs, gradient of the gates, of the initial state)."""
+    chunk_size = gates.shape[2]
+    grad_inputs = torch.empty_like(grad_states)
+    grad_gates = torch.empty_like(gates)
+    grad_inputs[:, :, chunk_size - 1] = grad_states[:, :, chunk_size - 1]
+    for index in range(chunk_size - 2, -1, -1):
+        torch.addcmul(
+            grad_states[:, :, index], gates[:, :, index + 1].unsqueeze(-2), grad_inputs[:, :, index + 1],
+            out=grad_inputs[:, :, index],
+        )
+    if chunk_size > 1:
+        torch.sum(grad_inputs[:, :, 1:] * states[:, :, :-1], dim=-2, out=grad_gates[:, :, 1:])
+    grad_gates[:, :, 0] = 0
+    grad_initial = None
+    if initial_state is not None:
+        grad_gates[:, 0, 0] = (grad_inputs[:, 0, 0] * initial_state).sum(-2)
+        grad_initial = gates[:, 0, 0].unsqueeze(-2) * grad_inputs[:, 0, 0]
+    return grad_inputs, grad_gates, grad_initial
+
+
 class ChunkScan(torch.autograd.Function):
     """`chunk_scan_reference` with a reverse-scan backward: saves only the gates and the states."""
 
     @staticmethod
     def forward(ctx, gates, inputs, initial_state):
-        states = torch.empty_like(inputs)
-        states[:, :, 0] = inputs[:, :, 0]
-        if initial_state is not None:
-            states[:, 0, 0] += gates[:, 0, 0].unsqueeze(-2) * initial_state
-        for index in range(1, gates.shape[2]):  # each step writes its states in place
-            torch.addcmul(inputs[:, :, index], gates[:, :, index].unsqueeze(-2), states[:, :, index - 1], out=states[:, :, index])
+        states = _scan_forward(gates, inputs, initial_state)
         ctx.save_for_backward(gates, states, initial_state)
         return states
 
     @staticmethod
     def backward(ctx, grad_states):
         gates, states, initial_state = ctx.saved_tensors
-        chunk_size = gates.shape[2]
-        grad_inputs = torch.empty_like(grad_states)  # the gradient reaching each state, accumulated backwards
-        grad_gates = torch.empty_like(gates)
-        grad_inputs[:, :, chunk_size - 1] = grad_states[:, :, chunk_size - 1]
-        for index in range(chunk_size - 2, -1, -1):
-            torch.addcmul(
-                grad_states[:, :, index], gates[:, :, index + 1].unsqueeze(-2), grad_inputs[:, :, index + 1],
-                out=grad_inputs[:, :, index],
-            )
-        if chunk_size > 1:
-            torch.sum(grad_inputs[:, :, 1:] * states[:, :, :-1], dim=-2, out=grad_gates[:, :, 1:])
-        grad_gates[:, :, 0] = 0
-        if initial_state is not None:
-            grad_gates[:, 0, 0] = (grad_inputs[:, 0, 0] * initial_state).sum(-2)
-        grad_initial = None
-        if initial_state is not None and ctx.needs_input_grad[2]:
-            grad_initial = gates[:, 0, 0].unsqueeze(-2) * grad_inputs[:, 0, 0]
-        return grad_gates, grad_inputs, grad_initial
+        grad_inputs, grad_gates, grad_initial = _scan_backward(gates, states, initial_state, grad_states)
+        return grad_gates, grad_inputs, grad_initial if ctx.needs_input_grad[2] else None
+
+
+class GatedChunkScan(torch.autograd.Function):
+    """
+    The RAT recurrence from the gate and the raw streams: inputs (1 - f) * [v, k_tiled] are formed inside, so
+    autograd keeps only f (already kept by its sigmoid), v, the untiled k and the states, not the gated copies.
+    """
+
+    @staticmethod
+    def forward(ctx, gates, value, key, initial_state):
+        input_gate = 1 - gates
+        copies = value.shape[-1] // key.shape[-1]
+        inputs = torch.stack([input_gate * value, (input_gate.unflatten(-1, (copies, -1)) * key.unsqueeze(-2)).flatten(-2)], dim=-2)
+        del input_gate
+        states = _scan_forward(gates, inputs, initial_state)
+        ctx.save_for_backward(gates, value, key, states, initial_state)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states):
+        gates, value, key, states, initial_state = ctx.saved_tensors
+        grad_inputs, grad_gates, grad_initial = _scan_backward(gates, states, initial_state, grad_states)
+        grad_value_input, grad_key_input = grad_inputs.unbind(dim=-2)
+        copies = value.shape[-1] // key.shape[-1]
+        key_tiled_grad = grad_key_input.unflatten(-1, (copies, -1))
+        grad_gates -= grad_value_input * value + (key_tiled_grad * key.unsqueeze(-2)).flatten(-2)
+        input_gate = 1 - gates
+        grad_value = input_gate * grad_value_input
+        grad_key = (input_gate.unflatten(-1, (copies, -1)) * key_tiled_grad).sum(-2)
+        return grad_gates, grad_value, grad_key, grad_initial if ctx.needs_input_grad[3] else None
+
+
+def gated_chunk_scan(gates, value, key, initial_state=None, scan=None):
+    """
+    States of the RAT recurrence on a grid of chunks: gates (N, C, L, D) the forget gate f; value (N, C, L, D);
+    key (N, C, L, G*d), tiled over the heads; returns (N, C, L, 2, D) fp32, [value, key] running sums.
+    `scan`: another `chunk_scan` implementation (e.g. the Triton kernel), fed the gated inputs.
+    """
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    gates, value, key = gates.to(dtype).contiguous(), value.to(dtype).contiguous(), key.to(dtype).contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.to(dtype).contiguous()
+    if scan is not None:
+        copies = value.shape[-1] // key.shape[-1]
+        input_gate = 1 - gates
+        inputs = torch.stack([input_gate * value, (input_gate.unflatten(-1, (copies, -1)) * key.unsqueeze(-2)).flatten(-2)], dim=-2)
+        return scan(gates, inputs, initial_state)
+    return GatedChunkScan.apply(gates, value, key, initial_state)
 
 
 def chunk_scan(gates: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None = None) -> torch.Tensor:

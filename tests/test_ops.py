@@ -149,3 +149,23 @@ def test_blocked_sliding_window_attention_equals_the_masked_one(length, window, 
     weight = torch.randn_like(expected)
     for got, want in zip(_grads(actual, [query, key, value], weight), _grads(expected, [query, key, value], weight)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_initial_state", [False, True])
+def test_gated_chunk_scan_forms_the_gated_inputs_like_the_plain_scan(with_initial_state):
+    from modeling_rat.rat_ops import GatedChunkScan, gated_chunk_scan, tile_groups
+
+    torch.manual_seed(1)
+    gates = torch.rand(2, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(2, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)  # 2 groups of 2, tiled twice
+    initial = torch.randn(2, 2, 8, dtype=torch.float64, requires_grad=True) if with_initial_state else None
+    leaves = [gates, value, key] + ([initial] if with_initial_state else [])
+    inputs = torch.stack([(1 - gates) * value, (1 - gates) * tile_groups(key, 2, 4)], dim=-2)
+    expected = chunk_scan_reference(gates, inputs, initial)
+    actual = gated_chunk_scan(gates, value, key, initial)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+    weight = torch.randn_like(expected)
+    for got, want in zip(_grads(actual, leaves, weight), _grads(expected, leaves, weight)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda g, v, k: GatedChunkScan.apply(g, v, k, None), (gates, value, key))
