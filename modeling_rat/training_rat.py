@@ -146,22 +146,24 @@ def check_not_empty(dataset, split: str, what: str = "examples") -> None:
         )
 
 
-def fit_prompt_ids(document_ids: list[int], prefix_ids: list[int], suffix_ids: list[int], completion_length: int,
-                   max_length: int) -> tuple[list[int], bool]:
+def truncate_to_tokens(tokenizer, text: str, max_tokens: int) -> tuple[str, bool]:
     """
-    Prompt token ids `prefix + document + suffix`, with the document cut at its end so that the prompt plus a
-    completion of `completion_length` tokens fits in `max_length`. Returns the ids and whether the document was cut.
-    Raises if even an empty document leaves no room.
+    `text` cut at a token boundary so that it holds at most `max_tokens` tokens of `tokenizer` (no special tokens
+    added). Returns the text and whether it was cut. Uses the fast tokenizer's character offsets, so the kept part is
+    the original text, not a decoded approximation.
     """
-    budget = max_length - len(prefix_ids) - len(suffix_ids) - completion_length
-    if budget < 1:
-        raise ValueError(
-            f"`max_length` ({max_length}) leaves no room for the document: the prompt template takes "
-            f"{len(prefix_ids) + len(suffix_ids)} tokens and the completion {completion_length}. Raise `max_length` "
-            "or lower the summary length limit."
-        )
-    truncated = len(document_ids) > budget
-    return prefix_ids + document_ids[:budget] + suffix_ids, truncated
+    if max_tokens < 1:
+        raise ValueError(f"`max_tokens` must be >= 1, got {max_tokens}.")
+    if not getattr(tokenizer, "is_fast", False):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            return text, False
+        return tokenizer.decode(ids[:max_tokens]), True
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoding["offset_mapping"]
+    if len(offsets) <= max_tokens:
+        return text, False
+    return text[: offsets[max_tokens - 1][1]], True
 
 
 # ===================================================================================================== ROUGE
@@ -193,6 +195,6 @@ __all__ = [
     "train_byte_level_bpe",
     "check_columns",
     "check_not_empty",
-    "fit_prompt_ids",
+    "truncate_to_tokens",
     "rouge_scores",
 ]
