@@ -71,6 +71,7 @@ def main(argv=None):
 
     budget = QUICK if args.quick else FULL
     output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     timings = {}
 
