@@ -216,8 +216,18 @@ def build_config(args, tokenizer) -> RatConfig:
 # ================================================================================================== training
 
 
+def no_accelerator() -> bool:
+    """True on CPU-only machines: the Trainer is then told `use_cpu=True`, which is also what makes several
+    processes (`accelerate launch --multi_gpu --num_processes N` or `torchrun`) train together over gloo."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return not accelerator.is_available()
+    return not torch.cuda.is_available()
+
+
 def training_arguments(args, eval_steps: int) -> TrainingArguments:
     return TrainingArguments(
+        use_cpu=no_accelerator(),
         output_dir=args.output_dir,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
@@ -297,6 +307,7 @@ def run_pretraining(args) -> dict:
         "eval_loss": eval_loss,
         "eval_perplexity": math.exp(min(eval_loss, 50.0)),
         "steps": args.max_steps,
+        "processes": training_args.world_size,
         "train_tokens": args.max_steps * tokens_per_step,
         "train_seconds": train_seconds,
         "corpus": source,

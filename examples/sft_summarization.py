@@ -226,11 +226,14 @@ def pretrain_default_base(args) -> str:
 def run_sft(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
+    from pretrain import no_accelerator
+
     if args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}.")
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     sft_config = SFTConfig(
+        use_cpu=no_accelerator(),
         output_dir=str(output_dir / "trainer"),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
@@ -297,7 +300,8 @@ def run_sft(args) -> dict:
     is_main = trainer.accelerator.is_main_process
 
     results = {"model": model_path, "dataset": args.dataset or "stdlib code summarization",
-               "train_examples": len(data["train"]), "test_examples": len(data["test"])}
+               "train_examples": len(data["train"]), "test_examples": len(data["test"]),
+               "processes": sft_config.world_size}
     if is_main:
         results["rouge_before"], _ = evaluate_rouge(trainer.model, tokenizer, data["test"], args, "ROUGE before")
         logger.info("ROUGE-1/2/L before fine-tuning: %s", format_rouge(results["rouge_before"]))

@@ -209,7 +209,10 @@ def test_compare_paper_models_writes_table_and_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-ACCELERATE_CPU = ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+# On CPU, `--multi_gpu` selects accelerate's multi-process (torchrun) launcher; the scripts pass `use_cpu=True` to the
+# Trainer on machines without an accelerator, so the processes join one gloo process group (`--cpu` would start a
+# single process).
+ACCELERATE_CPU = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
@@ -230,6 +233,7 @@ def test_accelerate_launch_two_processes(tmp_path, text_dataset, summarization_d
         "--model", "rat", "--dataset", str(text_dataset), "--text-column", "content", "--max-steps", "3",
         "--output-dir", str(tmp_path / "pre")] + TINY_MODEL, tmp_path)
     metrics = json.loads((tmp_path / "pre" / "pretrain_results.json").read_text())
+    assert metrics["processes"] == 2
     assert metrics["train_tokens"] == 3 * 2 * 2 * 32, "two processes: twice the tokens per step"
     assert (tmp_path / "pre" / "model.safetensors").is_file()
 
@@ -239,5 +243,5 @@ def test_accelerate_launch_two_processes(tmp_path, text_dataset, summarization_d
         "--eval-examples", "2", "--max-new-tokens", "4", "--output-dir", str(tmp_path / "sft"), "--disable-tqdm",
     ], tmp_path)
     results = json.loads((tmp_path / "sft" / "sft_results.json").read_text())
-    assert "rouge_after" in results
+    assert "rouge_after" in results and results["processes"] == 2
     assert (tmp_path / "sft" / "merged" / "model.safetensors").is_file()
