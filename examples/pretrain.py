@@ -308,6 +308,7 @@ def run_pretraining(args) -> dict:
         "eval_perplexity": math.exp(min(eval_loss, 50.0)),
         "steps": args.max_steps,
         "processes": training_args.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type.value),
         "train_tokens": args.max_steps * tokens_per_step,
         "train_seconds": train_seconds,
         "corpus": source,

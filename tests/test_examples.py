@@ -245,3 +245,22 @@ def test_accelerate_launch_two_processes(tmp_path, text_dataset, summarization_d
     results = json.loads((tmp_path / "sft" / "sft_results.json").read_text())
     assert "rouge_after" in results and results["processes"] == 2
     assert (tmp_path / "sft" / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["fsdp.yaml", "deepspeed_zero2.yaml", "multi_process_cpu.yaml"])
+def test_accelerate_configs_load(name):
+    """The multi-GPU configs cannot run on a CPU-only machine; check that accelerate reads them and that the FSDP
+    wrap class is the model's block."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from modeling_rat import RatForCausalLM
+
+    config = load_config_from_file(str(ROOT / "examples" / "configs" / name))
+    assert config.num_machines == 1 and config.num_processes >= 2
+    if name == "fsdp.yaml":
+        assert config.distributed_type == "FSDP"
+        wrap = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
+        assert wrap in RatForCausalLM._no_split_modules
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    if name == "deepspeed_zero2.yaml":
+        assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 2
