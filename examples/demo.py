@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 logger = logging.getLogger("demo")
 
 # Budgets sized for about 10 minutes on a 2-core CPU (--quick: under a minute per stage).
-FULL = dict(pretrain_steps=150, pretrain_batch=4, block_size=256, sft_steps=60, sft_batch=8, eval_examples=40)
+FULL = dict(pretrain_steps=120, pretrain_batch=4, block_size=256, sft_steps=50, sft_batch=8, eval_examples=40)
 QUICK = dict(pretrain_steps=4, pretrain_batch=2, block_size=64, sft_steps=2, sft_batch=2, eval_examples=4)
 
 
