@@ -91,7 +91,7 @@ def write_results(results: list[dict], args, results_dir: Path) -> None:
         f"sequences = {results[0]['train_tokens']:,} training tokens per model, byte-level BPE vocabulary "
         f"{args.vocab_size}, corpus: {results[0]['corpus']}.",
         "",
-        "| model | layers | parameters (non-embedding) | validation loss | perplexity | train time (s)"
+        "| model | layers | parameters (non-embedding) | validation loss | perplexity | wall time (s)*"
         + (" | ROUGE-1 / 2 / L after SFT |" if has_rouge else " |"),
         "|---|---|---|---|---|---|" + ("---|" if has_rouge else ""),
     ]
@@ -103,6 +103,8 @@ def write_results(results: list[dict], args, results_dir: Path) -> None:
             rouge = r.get("rouge")
             row += f" {rouge['rouge1']:.1f} / {rouge['rouge2']:.1f} / {rouge['rougeL']:.1f} |" if rouge else " - |"
         lines.append(row)
+    lines += ["", "*Wall-clock training time of each run as it happened (one process, CPU threads shared with whatever else "
+              "ran on the machine): not a speed comparison; see the benchmark scripts for that."]
     (results_dir / "paper_comparison.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib

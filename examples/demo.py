@@ -39,6 +39,8 @@ def build_parser():
     parser.add_argument("--model", default="rat", help="which of the paper's five models to pretrain")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: check the pipeline in a few minutes")
     parser.add_argument("--hub-upload", default=str(ROOT / "hub_upload.py"), help="path of hub_upload.py")
+    parser.add_argument("--pretrain-steps", type=int, help=f"pretraining steps (default {FULL['pretrain_steps']})")
+    parser.add_argument("--sft-steps", type=int, help=f"LoRA fine-tuning steps (default {FULL['sft_steps']})")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -69,7 +71,11 @@ def main(argv=None):
     import pretrain
     import sft_summarization
 
-    budget = QUICK if args.quick else FULL
+    budget = dict(QUICK if args.quick else FULL)
+    if args.pretrain_steps:
+        budget["pretrain_steps"] = args.pretrain_steps
+    if args.sft_steps:
+        budget["sft_steps"] = args.sft_steps
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
