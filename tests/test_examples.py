@@ -188,8 +188,12 @@ def test_demo_quick_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "RAT demo summary" in result.stdout and "ROUGE-1/2/L" in result.stdout
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
-    assert summary["hub"]["status"] in ("staged", "missing")
-    if not (ROOT / "hub_upload.py").is_file():
+    if (ROOT / "hub_upload.py").is_file():
+        assert summary["hub"]["status"] == "staged", summary["hub"]
+        staged = set(summary["hub"]["files"])
+        assert {"config.json", "modeling_rat.py", "model.safetensors", "tokenizer.json"} <= staged
+    else:
+        assert summary["hub"]["status"] == "missing"
         assert "hub_upload.py not found" in result.stdout + result.stderr
 
 
