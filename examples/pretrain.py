@@ -152,10 +152,9 @@ def get_tokenizer(args, train_texts: list[str], training_args: TrainingArguments
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         return ensure_pad_token(tokenizer)
     tokenizer_dir = Path(args.output_dir) / "tokenizer"
-    with training_args.main_process_first(desc="training the tokenizer"):
-        if (tokenizer_dir / "tokenizer.json").is_file():
+    with training_args.main_process_first(desc="training the tokenizer", local=True):
+        if training_args.local_process_index != 0:  # the node's main process has just trained and saved it
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-            logger.info("Loaded the tokenizer trained earlier in %s", tokenizer_dir)
         else:
             start = time.perf_counter()
             sample = _cap_chars(train_texts, args.tokenizer_train_chars)

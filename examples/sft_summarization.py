@@ -264,7 +264,11 @@ def run_sft(args) -> dict:
             )
         with sft_config.main_process_first(desc="pretraining the base model"):
             base_dir = Path(args.output_dir) / "base-model"
-            model_path = str(base_dir) if (base_dir / "config.json").is_file() else pretrain_default_base(args)
+            if (base_dir / "config.json").is_file():
+                logger.info("No --model given: reusing the base model pretrained earlier in %s", base_dir)
+                model_path = str(base_dir)
+            else:
+                model_path = pretrain_default_base(args)
 
     tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(model_path, trust_remote_code=True))
     model = AutoModelForCausalLM.from_pretrained(

@@ -268,3 +268,16 @@ def test_accelerate_configs_load(name):
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     if name == "deepspeed_zero2.yaml":
         assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 2
+
+
+@pytest.mark.slow
+def test_sft_without_model_pretrains_a_base_first(tmp_path):
+    results = sft_summarization.main([
+        "--base-steps", "1", "--max-steps", "1", "--batch-size", "2", "--max-length", "64", "--max-summary-tokens", "8",
+        "--max-train-examples", "8", "--max-validation-examples", "2", "--eval-examples", "2", "--max-new-tokens", "2",
+        "--output-dir", str(tmp_path / "sft"), "--disable-tqdm",
+    ])
+    base = tmp_path / "sft" / "base-model"
+    assert results["model"] == str(base)
+    assert json.loads((base / "pretrain_results.json").read_text())["steps"] == 1
+    assert (tmp_path / "sft" / "merged" / "model.safetensors").is_file()
