@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num-qk-groups", type=int, default=2, help="RAT key/query groups (paper: 2)")
     model.add_argument("--chunk-size", type=int, default=16, help="RAT chunk length L (paper: 16)")
     model.add_argument("--sliding-window", type=int,
-                       help="tokens a sliding-window query sees, itself included (default: block size / 4, the "
-                            "paper's 1024-of-4096 ratio)")
+                       help="tokens a sliding-window query sees, itself included (default: block size / 4, so "
+                            "that the window is shorter than the sequences)")
     model.add_argument("--rat-implementation", default="auto", choices=["auto", "fast", "reference", "triton"])
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", help="Hub dataset name or local dataset folder (default: the Python standard library)")
