@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
     AutoTokenizer,
-    DataCollatorForLanguageModeling,
     Trainer,
     TrainingArguments,
+    default_data_collator,
     set_seed,
 )
 
@@ -184,7 +184,9 @@ def tokenize_into_blocks(texts: list[str], tokenizer, block_size: int, max_block
         if max_blocks is not None and len(blocks) >= max_blocks:
             blocks = blocks[:max_blocks]
             break
-    return Dataset.from_dict({"input_ids": blocks})
+    # Every block is full, so no padding: labels are the inputs themselves (the model shifts them). Not
+    # DataCollatorForLanguageModeling, which would mask the EOS separators when a tokenizer pads with EOS.
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
 
 
 # ===================================================================================================== model
@@ -289,7 +291,7 @@ def run_pretraining(args) -> dict:
         args=training_args,
         train_dataset=train_blocks,
         eval_dataset=eval_blocks,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        data_collator=default_data_collator,
         processing_class=tokenizer,
     )
     start = time.perf_counter()

@@ -281,3 +281,20 @@ def test_sft_without_model_pretrains_a_base_first(tmp_path):
     assert results["model"] == str(base)
     assert json.loads((base / "pretrain_results.json").read_text())["steps"] == 1
     assert (tmp_path / "sft" / "merged" / "model.safetensors").is_file()
+
+
+def test_pretraining_blocks_supervise_eos_even_when_it_pads():
+    """A Hub tokenizer without a padding token pads with EOS (`ensure_pad_token`): the EOS separators between
+    documents must still be predicted (labels are the inputs, nothing masked)."""
+    from transformers import default_data_collator
+
+    from modeling_rat.training_rat import ensure_pad_token, train_byte_level_bpe
+
+    tokenizer = train_byte_level_bpe([sentence(i) for i in range(20)], vocab_size=300)
+    tokenizer.pad_token = None
+    ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    blocks = pretrain.tokenize_into_blocks([sentence(i, 5) for i in range(12)], tokenizer, block_size=16)
+    batch = default_data_collator([blocks[i] for i in range(len(blocks))])
+    assert torch.equal(batch["labels"], batch["input_ids"])
+    assert int((batch["labels"] == tokenizer.eos_token_id).sum()) >= 6
