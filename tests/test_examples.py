@@ -1,0 +1,300 @@
+"""The example jobs with tiny settings: pretraining, LoRA SFT with ROUGE, the demo, the paper comparison, and
+several processes through `accelerate launch` (CPU, gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROOT
+
+
+sys.path.insert(0, str(ROOT / "examples"))
+import compare_paper_models  # noqa: E402
+import demo  # noqa: E402
+import pretrain  # noqa: E402
+import sft_summarization  # noqa: E402
+
+
+WORDS = ("the a model reads text and writes short summaries of long documents about cats dogs trains ships "
+         "rivers cities music books code tests data").split()
+
+TINY_MODEL = ["--size", "tiny", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "4", "--chunk-size", "4",
+              "--block-size", "32", "--vocab-size", "300", "--batch-size", "2", "--max-eval-blocks", "4",
+              "--logging-steps", "1", "--disable-tqdm"]
+
+
+def sentence(index, length=12):
+    return " ".join(WORDS[(index * 7 + k * 3) % len(WORDS)] for k in range(length))
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture(scope="module")
+def text_dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lm-data")
+    write_jsonl(folder / "train.jsonl", [{"content": sentence(i, 40)} for i in range(60)])
+    write_jsonl(folder / "validation.jsonl", [{"content": sentence(i + 100, 40)} for i in range(10)])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def summarization_dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("summarization-data")
+    for split, offset, count in (("train", 0, 32), ("validation", 100, 6), ("test", 200, 6)):
+        write_jsonl(folder / f"{split}.jsonl",
+                    [{"dialogue": sentence(offset + i, 30), "summary": sentence(offset + i, 4)} for i in range(count)])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, text_dataset):
+    output = tmp_path_factory.mktemp("pretrained") / "rat-swa"
+    metrics = pretrain.main(["--model", "rat-swa", "--dataset", str(text_dataset), "--text-column", "content",
+                             "--max-steps", "3", "--output-dir", str(output)] + TINY_MODEL)
+    return output, metrics
+
+
+def test_pretrain_on_a_dataset_saves_a_remote_code_checkpoint(pretrained):
+    output, metrics = pretrained
+    assert metrics["model"] == "rat-swa" and metrics["layer_types"] == ["rat", "sliding_attention"]
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"])) and metrics["eval_perplexity"] > 1
+    assert metrics["train_tokens"] == 3 * 2 * 32
+    files = {path.name for path in output.iterdir()}
+    assert {"config.json", "configuration_rat.py", "modeling_rat.py", "model.safetensors", "tokenizer.json",
+            "pretrain_results.json"} <= files
+    config = json.loads((output / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rat.RatForCausalLM"
+    assert config["sliding_window"] == 8, "default window: block size / 4"
+    assert config["max_position_embeddings"] == 32
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert config["vocab_size"] == len(tokenizer) and config["pad_token_id"] == tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
+    ids = tokenizer("the model reads text", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    assert json.loads((output / "pretrain_results.json").read_text())["eval_loss"] == metrics["eval_loss"]
+
+
+def test_pretrain_default_corpus_is_the_standard_library(tmp_path):
+    metrics = pretrain.main(["--model", "rnn", "--max-steps", "2", "--max-train-chars", "60000",
+                             "--tokenizer-train-chars", "60000", "--output-dir", str(tmp_path / "out")] + TINY_MODEL)
+    assert "Python standard library" in metrics["corpus"]
+    assert metrics["layer_types"] == ["rnn", "rnn"]
+    assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_pretrain_explicit_sizes(tmp_path, text_dataset):
+    args = pretrain.build_parser().parse_args(["--model", "attention", "--size", "small", "--hidden-size", "48",
+                                                "--num-layers", "3", "--num-heads", "6"])
+    from modeling_rat.training_rat import train_byte_level_bpe
+
+    config = pretrain.build_config(args, train_byte_level_bpe(["a b c"] * 3, vocab_size=300))
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (48, 3, 6)
+    assert config.intermediate_size == 4 * 48 and config.layer_types == ["full_attention"] * 3
+    with pytest.raises(SystemExit):
+        pretrain.build_parser().parse_args(["--model", "transformer"])
+
+
+def test_sft_on_a_hub_style_dataset(tmp_path, pretrained, summarization_dataset):
+    model_dir, _ = pretrained
+    results = sft_summarization.main([
+        "--model", str(model_dir), "--dataset", str(summarization_dataset), "--document-column", "dialogue",
+        "--max-steps", "2", "--batch-size", "2", "--max-length", "32", "--max-summary-tokens", "8",
+        "--eval-examples", "4", "--max-new-tokens", "6", "--output-dir", str(tmp_path / "sft"), "--disable-tqdm",
+        "--logging-steps", "1",
+    ])
+    for key in ("rouge_before", "rouge_after"):
+        assert set(results[key]) == {"rouge1", "rouge2", "rougeL"}
+        assert all(0 <= value <= 100 for value in results[key].values())
+    assert results["test_examples"] == 4 and results["train_examples"] == 32
+    assert torch.isfinite(torch.tensor(results["eval_loss"]))
+    adapter, merged = tmp_path / "sft" / "adapter", tmp_path / "sft" / "merged"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "output_gate_proj",
+                                                      "forget_gate_proj", "up_proj", "down_proj"}
+    assert {"modeling_rat.py", "configuration_rat.py", "config.json", "tokenizer.json"} <= {p.name for p in merged.iterdir()}
+
+    # The merged model equals base + adapter.
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    adapted = PeftModel.from_pretrained(base, adapter).eval()
+    merged_model = AutoModelForCausalLM.from_pretrained(merged, trust_remote_code=True).eval()
+    ids = AutoTokenizer.from_pretrained(merged)("the model reads text and writes", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = adapted(ids).logits
+        torch.testing.assert_close(merged_model(ids).logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    saved = json.loads((tmp_path / "sft" / "sft_results.json").read_text())
+    assert saved["rouge_after"] == results["rouge_after"]
+
+
+@pytest.mark.slow
+def test_sft_default_task_without_packing(tmp_path, pretrained):
+    model_dir, _ = pretrained
+    results = sft_summarization.main([
+        "--model", str(model_dir), "--max-steps", "1", "--batch-size", "2", "--max-length", "32",
+        "--max-summary-tokens", "8", "--max-train-examples", "16", "--max-validation-examples", "4",
+        "--eval-examples", "3", "--max-new-tokens", "4", "--no-packing", "--output-dir", str(tmp_path / "sft"),
+        "--disable-tqdm",
+    ])
+    assert results["dataset"] == "stdlib code summarization" and results["test_examples"] == 3
+
+
+def test_demo_pipeline_reports_a_missing_hub_upload(tmp_path, monkeypatch):
+    """The demo's orchestration, with its stages stubbed (they are tested above): it reports a missing
+    hub_upload.py clearly and calls an existing one with the agreed interface."""
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    monkeypatch.setattr(pretrain, "main", lambda argv: {
+        "parameters": 10, "layer_types": ["rat"], "steps": 1, "train_tokens": 8, "eval_loss": 1.0,
+        "eval_perplexity": 2.7})
+    monkeypatch.setattr(sft_summarization, "main", lambda argv: {
+        "train_examples": 4, "test_examples": 2, "eval_loss": 1.0, "merged_dir": str(merged),
+        "adapter_dir": str(tmp_path / "adapter"), "rouge_before": {"rouge1": 1, "rouge2": 0, "rougeL": 1},
+        "rouge_after": {"rouge1": 9, "rouge2": 2, "rougeL": 8}})
+    summary = demo.main(["--output-dir", str(tmp_path / "demo"), "--hub-upload", str(tmp_path / "missing.py")])
+    assert summary["hub"]["status"] == "missing" and "hub_upload.py not found" in summary["hub"]["message"]
+
+    recorder = tmp_path / "hub_upload.py"
+    recorder.write_text(
+        "import json, sys, pathlib\n"
+        "args = sys.argv[1:]\n"
+        "staging = pathlib.Path(args[args.index('--staging-dir') + 1]); staging.mkdir(parents=True)\n"
+        "(staging / 'argv.json').write_text(json.dumps(args))\n"
+    )
+    summary = demo.main(["--output-dir", str(tmp_path / "demo2"), "--hub-upload", str(recorder)])
+    assert summary["hub"]["status"] == "staged"
+    argv = json.loads((tmp_path / "demo2" / "hub-staging" / "argv.json").read_text())
+    assert argv == [str(merged), "--repo-id", "local/rat-demo", "--dry-run", "--staging-dir",
+                    str(tmp_path / "demo2" / "hub-staging")]
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+    """The real demo (tiny budgets): pretraining, SFT with ROUGE, Hub staging or a clear note that it is missing."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--quick", "--output-dir", str(tmp_path / "demo")],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "RAT demo summary" in result.stdout and "ROUGE-1/2/L" in result.stdout
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    if (ROOT / "hub_upload.py").is_file():
+        assert summary["hub"]["status"] == "staged", summary["hub"]
+        staged = set(summary["hub"]["files"])
+        assert {"config.json", "modeling_rat.py", "model.safetensors", "tokenizer.json"} <= staged
+    else:
+        assert summary["hub"]["status"] == "missing"
+        assert "hub_upload.py not found" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_compare_paper_models_writes_table_and_plot(tmp_path):
+    results = compare_paper_models.main([
+        "--models", "rat", "attention-swa", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "4",
+        "--chunk-size", "4", "--block-size", "32", "--vocab-size", "300", "--max-steps", "2", "--batch-size", "2",
+        "--eval-steps", "1", "--max-train-chars", "40000", "--max-eval-blocks", "2",
+        "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"),
+    ])
+    assert [r["model"] for r in results] == ["rat", "attention-swa"]
+    assert results[0]["train_tokens"] == results[1]["train_tokens"]
+    table = (tmp_path / "results" / "paper_comparison.md").read_text()
+    assert "| rat | rat |" in table and "| attention-swa | full_attention/sliding_attention |" in table
+    png = (tmp_path / "results" / "paper_comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+# On CPU, `--multi_gpu` selects accelerate's multi-process (torchrun) launcher; the scripts pass `use_cpu=True` to the
+# Trainer on machines without an accelerator, so the processes join one gloo process group (`--cpu` would start a
+# single process).
+ACCELERATE_CPU = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def run_two_processes(script, arguments, tmp_path):
+    environment = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+                       MASTER_PORT=str(29500 + os.getpid() % 1000))
+    result = subprocess.run(
+        [sys.executable, *ACCELERATE_CPU, str(ROOT / "examples" / script), *arguments],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900, env=environment,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes(tmp_path, text_dataset, summarization_dataset):
+    result = run_two_processes("pretrain.py", [
+        "--model", "rat", "--dataset", str(text_dataset), "--text-column", "content", "--max-steps", "3",
+        "--output-dir", str(tmp_path / "pre")] + TINY_MODEL, tmp_path)
+    metrics = json.loads((tmp_path / "pre" / "pretrain_results.json").read_text())
+    assert metrics["processes"] == 2
+    assert metrics["train_tokens"] == 3 * 2 * 2 * 32, "two processes: twice the tokens per step"
+    assert (tmp_path / "pre" / "model.safetensors").is_file()
+
+    run_two_processes("sft_summarization.py", [
+        "--model", str(tmp_path / "pre"), "--dataset", str(summarization_dataset), "--document-column", "dialogue",
+        "--max-steps", "2", "--batch-size", "2", "--max-length", "32", "--max-summary-tokens", "8",
+        "--eval-examples", "2", "--max-new-tokens", "4", "--output-dir", str(tmp_path / "sft"), "--disable-tqdm",
+    ], tmp_path)
+    results = json.loads((tmp_path / "sft" / "sft_results.json").read_text())
+    assert "rouge_after" in results and results["processes"] == 2
+    assert (tmp_path / "sft" / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["fsdp.yaml", "deepspeed_zero2.yaml", "multi_process_cpu.yaml"])
+def test_accelerate_configs_load(name):
+    """The multi-GPU configs cannot run on a CPU-only machine; check that accelerate reads them and that the FSDP
+    wrap class is the model's block."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from modeling_rat import RatForCausalLM
+
+    config = load_config_from_file(str(ROOT / "examples" / "configs" / name))
+    assert config.num_machines == 1 and config.num_processes >= 2
+    if name == "fsdp.yaml":
+        assert config.distributed_type == "FSDP"
+        wrap = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
+        assert wrap in RatForCausalLM._no_split_modules
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    if name == "deepspeed_zero2.yaml":
+        assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 2
+
+
+@pytest.mark.slow
+def test_sft_without_model_pretrains_a_base_first(tmp_path):
+    results = sft_summarization.main([
+        "--base-steps", "1", "--max-steps", "1", "--batch-size", "2", "--max-length", "64", "--max-summary-tokens", "8",
+        "--max-train-examples", "8", "--max-validation-examples", "2", "--eval-examples", "2", "--max-new-tokens", "2",
+        "--output-dir", str(tmp_path / "sft"), "--disable-tqdm",
+    ])
+    base = tmp_path / "sft" / "base-model"
+    assert results["model"] == str(base)
+    assert json.loads((base / "pretrain_results.json").read_text())["steps"] == 1
+    assert (tmp_path / "sft" / "merged" / "model.safetensors").is_file()
+
+
+def test_pretraining_blocks_supervise_eos_even_when_it_pads():
+    """A Hub tokenizer without a padding token pads with EOS (`ensure_pad_token`): the EOS separators between
+    documents must still be predicted (labels are the inputs, nothing masked)."""
+    from transformers import default_data_collator
+
+    from modeling_rat.training_rat import ensure_pad_token, train_byte_level_bpe
+
+    tokenizer = train_byte_level_bpe([sentence(i) for i in range(20)], vocab_size=300)
+    tokenizer.pad_token = None
+    ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    blocks = pretrain.tokenize_into_blocks([sentence(i, 5) for i in range(12)], tokenizer, block_size=16)
+    batch = default_data_collator([blocks[i] for i in range(len(blocks))])
+    assert torch.equal(batch["labels"], batch["input_ids"])
+    assert int((batch["labels"] == tokenizer.eos_token_id).sum()) >= 6
