@@ -223,7 +223,9 @@ def run_isolated_check(folder, probe: dict, optional_dependencies=OPTIONAL_DEPEN
         environment["HF_MODULES_CACHE"] = str(workdir / "modules")
         environment["HF_HUB_OFFLINE"] = "1"
         environment.setdefault("TOKENIZERS_PARALLELISM", "false")
-        command = [sys.executable, "-I", "-c", _BOOTSTRAP, str(Path(__file__).resolve()), str(folder), str(probe_path), str(output_path)]
+        # The process runs in its own folder: give it an absolute path (a relative one would be read as a repo id).
+        command = [sys.executable, "-I", "-c", _BOOTSTRAP, str(Path(__file__).resolve()), str(Path(folder).resolve()),
+                   str(probe_path), str(output_path)]
         command += list(optional_dependencies)
         try:
             completed = subprocess.run(command, cwd=workdir, env=environment, capture_output=True, text=True, timeout=timeout)

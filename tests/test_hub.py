@@ -2,6 +2,7 @@
 functions are replaced on the `hub_upload` module (where it imports them) by fakes that record their arguments."""
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -213,6 +214,17 @@ def test_dry_run_stages_a_trained_model_with_tokenizer_shards_and_metrics(traine
         assert torch.equal(actual, expected.to(torch.bfloat16)), name
     assert staged.config.eos_token_id == 2 and staged.config.bos_token_id == 1
     assert json.loads((staging / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+@pytest.mark.slow
+def test_dry_run_with_relative_paths(trained_checkpoint, tmp_path, monkeypatch, capsys):
+    """Relative source and staging paths work: the isolated check runs elsewhere and must get absolute paths."""
+    shutil.copytree(trained_checkpoint, tmp_path / "checkpoint")
+    monkeypatch.chdir(tmp_path)
+    code = hub_upload.main(["checkpoint", "--repo-id", "someone/rat", "--dry-run", "--staging-dir", "runs/staged"])
+    output = capsys.readouterr()
+    assert code == 0, output.err
+    assert (tmp_path / "runs" / "staged" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
