@@ -29,8 +29,10 @@ if str(ROOT) not in sys.path:
 logger = logging.getLogger("demo")
 
 # Budgets sized for about 10 minutes on a 2-core CPU (--quick: under a minute per stage).
-FULL = dict(pretrain_steps=120, pretrain_batch=4, block_size=256, sft_steps=50, sft_batch=8, eval_examples=40)
-QUICK = dict(pretrain_steps=4, pretrain_batch=2, block_size=64, sft_steps=2, sft_batch=2, eval_examples=4)
+FULL = dict(hidden_size=256, vocab_size=8192, pretrain_steps=400, pretrain_batch=8, block_size=256, sft_steps=120,
+            sft_batch=8, eval_examples=40)
+QUICK = dict(hidden_size=128, vocab_size=4096, pretrain_steps=4, pretrain_batch=2, block_size=64, sft_steps=2,
+             sft_batch=2, eval_examples=4)
 
 
 def build_parser():
@@ -83,12 +85,13 @@ def main(argv=None):
 
     logger.info("[1/3] Pretraining a small %s on the Python standard library", args.model)
     pretrain_argv = [
-        "--model", args.model, "--size", "mini", "--hidden-size", "128", "--num-layers", "4", "--num-heads", "4",
-        "--vocab-size", "4096", "--block-size", str(budget["block_size"]), "--batch-size", str(budget["pretrain_batch"]),
+        "--model", args.model, "--size", "mini", "--hidden-size", str(budget["hidden_size"]), "--num-layers", "4",
+        "--num-heads", "4", "--vocab-size", str(budget["vocab_size"]), "--block-size", str(budget["block_size"]),
+        "--batch-size", str(budget["pretrain_batch"]),
         "--max-steps", str(budget["pretrain_steps"]), "--learning-rate", "3e-3", "--max-eval-blocks", "24",
         "--output-dir", str(output_dir / "pretrain"), "--seed", str(args.seed),
     ] + (["--max-train-chars", "300000", "--tokenizer-train-chars", "300000"] if args.quick else
-         ["--max-train-chars", "4000000"])
+         ["--max-train-chars", "8000000"])
     logger.info("python examples/pretrain.py %s", " ".join(pretrain_argv))
     stage_start = time.perf_counter()
     pretrained = pretrain.main(pretrain_argv)
@@ -99,7 +102,7 @@ def main(argv=None):
         "--model", str(output_dir / "pretrain"), "--max-steps", str(budget["sft_steps"]),
         "--batch-size", str(budget["sft_batch"]), "--max-length", str(budget["block_size"]),
         "--eval-examples", str(budget["eval_examples"]), "--max-validation-examples", "32", "--max-new-tokens", "24",
-        "--output-dir", str(output_dir / "sft"), "--seed", str(args.seed),
+        "--learning-rate", "3e-3", "--output-dir", str(output_dir / "sft"), "--seed", str(args.seed),
     ] + (["--max-train-examples", "64", "--max-summary-tokens", "16"] if args.quick else [])
     logger.info("python examples/sft_summarization.py %s", " ".join(sft_argv))
     stage_start = time.perf_counter()
