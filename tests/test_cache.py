@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from conftest import LAYER_PATTERNS, random_ids, tiny_model
 from modeling_rat import cache_nbytes
+from modeling_rat.modeling_rat import CACHE_FIELD
 from modeling_rat.cache_rat import RatChunkCacheLayer, RatRecurrentCacheLayer
 
 
@@ -298,8 +299,9 @@ def test_cache_longer_than_the_inputs_imply_is_refused():
     model = model_for("rat+full")
     ids = random_ids(2, 9)
     _, cache = run_in_pieces(model, ids, [9])
+    # generate() takes the cache under the name of the installed transformers (`cache` from 5.24 on)
     with pytest.raises(ValueError, match="already holds 9 tokens"):
-        model.generate(ids[:, :4], cache=cache, max_new_tokens=3, pad_token_id=0)
+        model.generate(ids[:, :4], max_new_tokens=3, pad_token_id=0, **{CACHE_FIELD: cache})
     with pytest.raises(ValueError, match="one position per new token"):
         model(ids[:, :3], position_ids=torch.arange(5)[None], use_cache=False)
 
