@@ -3,7 +3,7 @@ The project's performance targets, measured side by side in one run with the sui
 
     python benchmarks/targets.py [--output benchmarks/results-targets] [--threads N] [--only decode,cache]
 
-`--only` re-measures the named sections; the others are read back from their JSON files in the output folder
+`--only` re-measures the named sections (`--only none`: none, the report is rebuilt); the others are read back from their JSON files in the output folder
 (when a previous run wrote them), so the report always covers every target that has been measured.
 
 1. mixer forward+backward, RAT vs SDPA attention (D 512, H 8, projections included): >= 5x at 16K tokens,
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results-targets"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", default=",".join(SECTIONS),
-                        help="sections to measure now (default: all); the others are read back from OUTPUT")
+                        help="sections to measure now (default: all; 'none' only rebuilds targets.md); the others are read back "
+                             "from OUTPUT")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     options = RunOptions.resolve(device="cpu", dtype="float32", threads=args.threads, isolate=True,
@@ -73,22 +74,26 @@ def main(argv=None) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     machine = machine_info(options)
-    only = set(args.only.split(","))
+    only = set() if args.only == "none" else set(args.only.split(","))
     unknown = only - set(SECTIONS)
     if unknown:
         parser.error(f"--only takes a comma-separated subset of {','.join(SECTIONS)}; unknown: {','.join(sorted(unknown))}")
-    rows = []
+    rows, provenance = [], []
 
     def measured_or_saved(section, run):
         """Run the section when asked; else read its previous result from the output folder (None if there is none)."""
         if section in only:
-            return run()
-        saved = output / f"{section}.json"
-        if not saved.exists():
-            logger.info("%s: not measured in this run and no %s to read back", section, saved)
-            return None
-        logger.info("%s: read back from %s (measured %s)", section, saved, json.loads(saved.read_text())["machine"]["date_utc"])
-        return json.loads(saved.read_text())
+            result = run()
+        else:
+            saved = output / f"{section}.json"
+            if not saved.exists():
+                logger.info("%s: not measured in this run and no %s to read back", section, saved)
+                return None
+            result = json.loads(saved.read_text())
+            logger.info("%s: read back from %s (measured %s)", section, saved, result["machine"].get("date_utc"))
+        when = result.get("machine", {})
+        provenance.append(f"{section} {when.get('date_utc', '?')} (commit {when.get('rat_transformers_commit', '?')})")
+        return result
 
     settings = mixer.MixerSettings(lengths=(16384, 32768), tokens_per_batch=32768, warmup=1, repeats=2)
     result = measured_or_saved("mixer", lambda: mixer.run(settings, options, output_dir=output, machine=machine))
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
         rows.append(("cache bytes equal the formula (1/L of KV + 2*D fp32 per RAT layer) for every model and length",
                      1.0 if exact else 0.0, 1.0, ""))
 
-    lines = ["## Performance targets", "", machine_markdown(machine), "",
+    lines = ["## Performance targets", "", machine_markdown(machine), "- measured: " + "; ".join(provenance), "",
              "| measurement | measured | target | met | figures |", "|---|---|---|---|---|"]
     for label, value, target, figures in rows:
         measured = "failed" if value is None else f"{value:.2f}x" if "cache bytes" not in label else ("yes" if value else "no")

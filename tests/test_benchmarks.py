@@ -381,3 +381,51 @@ def test_cli_rejects_unknown_benchmarks():
 def test_settings_refuse_bad_values(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_targets_report_is_rebuilt_from_saved_results(tmp_path):
+    """`targets.py --only none` measures nothing and rebuilds the report from the JSON files of earlier runs,
+    with the figures behind each ratio and whether the target is met."""
+    from benchmarks import targets
+
+    def case(value_key, value, **labels):
+        return {"status": "ok", value_key: value, **labels}
+
+    machine = {"date_utc": "2026-01-01 00:00 UTC"}
+    mixer_cases = []
+    for length, rat_s, attention_s in ((16384, 2.0, 12.0), (32768, 4.0, 20.0)):
+        for kind, seconds, memory in (("rat", rat_s, 100 * 2**20), ("attention", attention_s, 200 * 2**20)):
+            mixer_cases.append({"status": "ok", "mixer": kind, "mode": "forward_backward", "seq_len": length,
+                                "median_s": seconds, "peak_memory_bytes": memory})
+    (tmp_path / "mixer.json").write_text(json.dumps({"machine": machine, "cases": mixer_cases}))
+    threads = torch.get_num_threads()
+    try:
+        targets.main(["--only", "none", "--threads", "1", "--output", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    report = (tmp_path / "targets.md").read_text()
+    assert "| mixer fwd+bwd, T=16K: attention time / RAT time | 6.00x | >= 5x | yes | attention 12 s, RAT 2 s |" in report
+    assert "| mixer fwd+bwd, T=32K: attention time / RAT time | 5.00x | >= 8x | no |" in report
+    assert "attention 200 MiB, RAT 100 MiB" in report
+    assert "one-layer model" not in report  # no saved model.json: that section is absent, not invented
+    with pytest.raises(SystemExit):
+        targets.main(["--only", "mixer,bogus", "--output", str(tmp_path)])
+
+
+def test_mixer_profile_splits_the_time_into_categories(tmp_path):
+    from benchmarks import profile_mixer
+
+    assert profile_mixer.category("aten::mm") == "matmul"
+    assert profile_mixer.category("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention kernel"
+    assert profile_mixer.category("aten::addcmul") == "everything else"
+    threads = torch.get_num_threads()
+    try:
+        profile_mixer.main(["--length", "48", "--threads", "1", "--output", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    result = load_json(tmp_path / "profile_mixer_T48.json")
+    for kind in ("rat", "attention"):
+        seconds = result["mixers"][kind]["seconds"]
+        assert seconds["matmul"] > 0 and seconds["attention kernel"] > 0
+        assert math.isclose(sum(seconds.values()), result["mixers"][kind]["total_s"])
+    assert result["ratio_ceiling_without_elementwise"] > result["measured_ratio"]
