@@ -49,7 +49,7 @@ if not torch.cuda.is_available():
 from configuration_rat import RatConfig  # noqa: E402
 from modeling_rat.cache_rat import RatChunkCacheLayer  # noqa: E402
 from modeling_rat.modeling_rat import RatAttention, RatMixer, RatSequenceLayout  # noqa: E402
-from modeling_rat.rat_ops import apply_rotary, rat_reference, rotary_cos_sin  # noqa: E402
+from modeling_rat.rat_ops import apply_rotary, rotary_cos_sin  # noqa: E402
 
 
 try:

@@ -30,19 +30,18 @@ from .common import (
     check_choices,
     check_positive,
     dtype_tolerance,
+    finish_benchmark,
     format_bytes,
     format_length,
     format_ratio,
     length_axis,
     log_checks,
-    machine_info,
     markdown_table,
     prepare_process,
     progress,
     pyplot,
     require,
     run_case,
-    write_json,
 )
 from .decode import check_generate
 
@@ -171,12 +170,7 @@ def run(settings: CacheSettings, options: RunOptions, output_dir=None, machine: 
             logger.info("[cache] %-14s %s: %s", name, entry["status"], entry.get("error"))
 
     swa = preset_config("rat-swa", settings.size, settings.sliding_window)
-    result = {
-        "benchmark": "cache",
-        "description": "decoding-cache bytes per sequence after n tokens, measured (cache_nbytes) and by formula",
-        "machine": machine or machine_info(options),
-        "options": dataclasses.asdict(options),
-        "settings": dataclasses.asdict(settings),
+    sections = {
         "measured_size": {
             **PRESET_SIZES[settings.size], "chunk_size": swa.chunk_size, "sliding_window": swa.sliding_window
         },
@@ -188,10 +182,10 @@ def run(settings: CacheSettings, options: RunOptions, output_dir=None, machine: 
             point["matches_formula"] for entry in models if entry["status"] == "ok" for point in entry["points"]
         ),
     }
-    if output_dir is not None:
-        write_json(f"{output_dir}/cache.json", result)
-        plot(result, f"{output_dir}/cache.png")
-    return result
+    return finish_benchmark(
+        "cache", "decoding-cache bytes per sequence after n tokens, measured (cache_nbytes) and by formula", options,
+        settings, machine, sections, output_dir, plot,
+    )
 
 
 def _point_cell(point: dict) -> str:

@@ -500,6 +500,35 @@ def json_ready(value):
     return value
 
 
+def finish_benchmark(benchmark: str, description: str, options: "RunOptions", settings, machine: dict | None,
+                     sections: dict, output_dir=None, plot=None) -> dict:
+    """
+    The result every benchmark returns: its name, description, machine, options and settings, then `sections`
+    (checks, cases, summary, ...) in order; written to `<output_dir>/<benchmark>.json` and plotted to
+    `<benchmark>.png` when an output folder is given.
+    """
+    result = {
+        "benchmark": benchmark,
+        "description": description,
+        "machine": machine or machine_info(options),
+        "options": dataclasses.asdict(options),
+        "settings": dataclasses.asdict(settings),
+        **sections,
+    }
+    if output_dir is not None:
+        write_json(f"{output_dir}/{benchmark}.json", result)
+        if plot is not None:
+            plot(result, f"{output_dir}/{benchmark}.png")
+    return result
+
+
+def describe_timing(case: dict) -> str:
+    """One log line's worth of a timed case: its median and peak memory, or why it has none."""
+    if case["status"] != "ok":
+        return f"{case['status']}: {case.get('error', '')}"
+    return f"median {format_seconds(case['median_s'])}, peak memory {format_bytes(case['peak_memory_bytes'])}"
+
+
 def write_json(path: Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,12 +37,12 @@ from .common import (
     dtype_tolerance,
     failure_record,
     find_case,
+    finish_benchmark,
     format_bytes,
     format_length,
     format_ratio,
     length_axis,
     log_checks,
-    machine_info,
     markdown_table,
     prepare_process,
     progress,
@@ -51,7 +51,6 @@ from .common import (
     require,
     run_case,
     synchronize,
-    write_json,
 )
 from .model import BASELINE, ModelSettings, build_model
 
@@ -276,20 +275,10 @@ def run(settings: DecodeSettings, options: RunOptions, output_dir=None, machine:
         cases.append(case)
         logger.info("[decode] %-8s %-7s context=%-6d batch=%-3d %s", name, cache, context, batch_size, _describe(case))
 
-    result = {
-        "benchmark": "decode",
-        "description": "generate() decoding throughput after a prompt; greedy; tokens/s over the whole batch",
-        "machine": machine or machine_info(options),
-        "options": dataclasses.asdict(options),
-        "settings": dataclasses.asdict(settings),
-        "checks": checks,
-        "cases": cases,
-        "summary": summarize(cases, settings),
-    }
-    if output_dir is not None:
-        write_json(f"{output_dir}/decode.json", result)
-        plot(result, f"{output_dir}/decode.png")
-    return result
+    return finish_benchmark(
+        "decode", "generate() decoding throughput after a prompt; greedy; tokens/s over the whole batch", options,
+        settings, machine, {"checks": checks, "cases": cases, "summary": summarize(cases, settings)}, output_dir, plot,
+    )
 
 
 def _describe(case: dict) -> str:

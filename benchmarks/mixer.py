@@ -30,14 +30,15 @@ from .common import (
     check_choices,
     check_positive,
     compare,
+    describe_timing,
     dtype_tolerance,
     find_case,
+    finish_benchmark,
     format_bytes,
     format_length,
     format_ratio,
     format_seconds,
     log_checks,
-    machine_info,
     markdown_table,
     measure,
     plot_length_sweep,
@@ -46,7 +47,6 @@ from .common import (
     ratio,
     require,
     run_case,
-    write_json,
 )
 
 
@@ -250,28 +250,12 @@ def run(settings: MixerSettings, options: RunOptions, output_dir=None, machine: 
         case = {"mixer": kind, "mode": mode, "seq_len": seq_len, "batch": batch_size, "tokens": batch_size * seq_len}
         case.update(result)
         cases.append(case)
-        logger.info("[mixer] %-9s %-16s T=%-6d batch=%-3d %s", kind, mode, seq_len, batch_size, _describe(case))
+        logger.info("[mixer] %-9s %-16s T=%-6d batch=%-3d %s", kind, mode, seq_len, batch_size, describe_timing(case))
 
-    result = {
-        "benchmark": "mixer",
-        "description": "one token mixer, projections included, no MLP; constant tokens per batch",
-        "machine": machine or machine_info(options),
-        "options": dataclasses.asdict(options),
-        "settings": dataclasses.asdict(settings),
-        "checks": checks,
-        "cases": cases,
-        "summary": summarize(cases, settings),
-    }
-    if output_dir is not None:
-        write_json(f"{output_dir}/mixer.json", result)
-        plot(result, f"{output_dir}/mixer.png")
-    return result
-
-
-def _describe(case: dict) -> str:
-    if case["status"] != "ok":
-        return f"{case['status']}: {case.get('error', '')}"
-    return f"median {format_seconds(case['median_s'])}, peak memory {format_bytes(case['peak_memory_bytes'])}"
+    return finish_benchmark(
+        "mixer", "one token mixer, projections included, no MLP; constant tokens per batch", options, settings,
+        machine, {"checks": checks, "cases": cases, "summary": summarize(cases, settings)}, output_dir, plot,
+    )
 
 
 # ==================================================================================================== summary

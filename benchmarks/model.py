@@ -33,15 +33,16 @@ from .common import (
     check_choices,
     check_positive,
     compare,
+    describe_timing,
     dtype_tolerance,
     find_case,
+    finish_benchmark,
     format_bytes,
     format_count,
     format_length,
     format_ratio,
     format_seconds,
     log_checks,
-    machine_info,
     markdown_table,
     measure,
     plot_length_sweep,
@@ -50,7 +51,6 @@ from .common import (
     ratio,
     require,
     run_case,
-    write_json,
 )
 
 
@@ -268,29 +268,13 @@ def run(settings: ModelSettings, options: RunOptions, output_dir=None, machine: 
         case = {"model": name, "mode": mode, "seq_len": seq_len, "batch": batch_size, "tokens": batch_size * seq_len}
         case.update(run_case(measure_case, spec, options))
         cases.append(case)
-        logger.info("[model] %-8s %-8s T=%-6d batch=%-3d %s", name, mode, seq_len, batch_size, _describe(case))
+        logger.info("[model] %-8s %-8s T=%-6d batch=%-3d %s", name, mode, seq_len, batch_size, describe_timing(case))
 
-    result = {
-        "benchmark": "model",
-        "description": "prefill and training step of whole language models; constant tokens per batch",
-        "machine": machine or machine_info(options),
-        "options": dataclasses.asdict(options),
-        "settings": dataclasses.asdict(settings),
-        "parameters": sizes,
-        "checks": checks,
-        "cases": cases,
-        "summary": summarize(cases, settings),
-    }
-    if output_dir is not None:
-        write_json(f"{output_dir}/model.json", result)
-        plot(result, f"{output_dir}/model.png")
-    return result
-
-
-def _describe(case: dict) -> str:
-    if case["status"] != "ok":
-        return f"{case['status']}: {case.get('error', '')}"
-    return f"median {format_seconds(case['median_s'])}, peak memory {format_bytes(case['peak_memory_bytes'])}"
+    return finish_benchmark(
+        "model", "prefill and training step of whole language models; constant tokens per batch", options, settings,
+        machine, {"parameters": sizes, "checks": checks, "cases": cases, "summary": summarize(cases, settings)},
+        output_dir, plot,
+    )
 
 
 def summarize(cases: list[dict], settings) -> dict:

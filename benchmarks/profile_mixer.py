@@ -14,7 +14,6 @@ time, so attention_total / (rat_matmul + rat_attention_kernel) is the ceiling of
 """
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path

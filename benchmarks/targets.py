@@ -18,7 +18,6 @@ JSON/PNG files and `targets.md` (machine, measured figures, target, met or not) 
 """
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
