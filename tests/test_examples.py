@@ -233,7 +233,7 @@ def run_two_processes(script, arguments, tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch_two_processes(tmp_path, text_dataset, summarization_dataset):
-    result = run_two_processes("pretrain.py", [
+    run_two_processes("pretrain.py", [
         "--model", "rat", "--dataset", str(text_dataset), "--text-column", "content", "--max-steps", "3",
         "--output-dir", str(tmp_path / "pre")] + TINY_MODEL, tmp_path)
     metrics = json.loads((tmp_path / "pre" / "pretrain_results.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import LAYER_PATTERNS, random_ids, tiny_config, tiny_model
-from modeling_rat import RatConfig, RatForCausalLM, RatModel
+from modeling_rat import RatForCausalLM, RatModel
 
 
 PATTERNS = ["rat", "rnn", "rat+sliding", "rat+full", "attention+sliding"]

@@ -6,7 +6,6 @@ triton, peft, trl or accelerate (see `hub_upload.run_isolated_check`).
 """
 
 import ast
-import importlib.util
 import json
 import sys
 from pathlib import Path

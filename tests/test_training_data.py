@@ -2,7 +2,6 @@
 splits), tokenizer training, ROUGE, and clear errors for bad input (missing columns, empty splits, too-long
 examples, tokenizers without a padding token)."""
 
-import argparse
 import json
 import sys
 import textwrap

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
-from conftest import LAYER_PATTERNS, ROOT, tiny_config
+from conftest import tiny_config
 from modeling_rat import RatForCausalLM
 from modeling_rat.training_rat import LORA_TARGET_MODULES
 
