@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RunOptions, machine_info, prepare_process, write_json  # noqa: E402
+from benchmarks.decode import returned_cache  # noqa: E402
 from modeling_rat import RatConfig, RatForCausalLM  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def decode(model, forward, prompt, steps: int, cache) -> tuple[torch.Tensor, lis
     batch_size, context = prompt.shape
     with torch.no_grad():
         out = model(prompt, cache=cache, use_cache=True)
-        cache = getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+        cache = returned_cache(out)
         token, tokens, times = out.logits[:, -1:].argmax(-1), [], []
         for step in range(steps):
             mask = torch.ones(batch_size, context + step + 1, dtype=torch.long)
