@@ -18,16 +18,12 @@ if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
     echo "[setup] CUDA found: installing torch with CUDA support"
     "$VENV_PY" -m pip install -q "torch>=2.5"
   else
-    echo "[setup] no CUDA: installing the CPU build of torch 2.13.0"
-    WHEEL_CHECK="$(mktemp -d)"
-    if "$VENV_PY" -m pip download -q --no-deps --no-index "torch==2.13.0" -d "$WHEEL_CHECK" 2>/dev/null; then
-      # a local CPU build is on pip's find-links: pip prefers 2.13.0+cpu over the plain (CUDA) 2.13.0
-      "$VENV_PY" -m pip install -q "torch==2.13.0"
-    else
-      "$VENV_PY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
-        --extra-index-url https://pypi.org/simple
-    fi
-    rm -rf "$WHEEL_CHECK"
+    # pip's own configuration decides where torch comes from. Where the default index serves the CUDA build, point
+    # pip at an index of CPU builds first, e.g. `PIP_INDEX_URL=<index of CPU wheels> bash scripts/setup_env.sh`
+    # (or `PIP_EXTRA_INDEX_URL`, or `pip config set global.index-url ...`); a local CPU wheel on pip's find-links
+    # (`PIP_FIND_LINKS`) is taken as it is.
+    echo "[setup] no CUDA: installing torch 2.13.0 as pip is configured (set PIP_INDEX_URL to an index of CPU builds to avoid the CUDA build)"
+    "$VENV_PY" -m pip install -q "torch==2.13.0"
   fi
 fi
 STAMP="$VENV/.rat-installed"

@@ -1,7 +1,6 @@
 """Shared helpers: tiny models, the official fixtures, offline settings."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from modeling_rat import RatConfig, RatForCausalLM  # noqa: E402
 
 
-FIXTURES = Path(os.environ.get("RAT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+# Logits produced by the official RAT code (see tests/fixtures/README.md); RAT_FIXTURES points elsewhere if needed.
+FIXTURES = Path(os.environ.get("RAT_FIXTURES", ROOT / "tests" / "fixtures"))
 LAYER_PATTERNS = {
     "rat": ["rat", "rat"],
     "rnn": ["rnn", "rnn"],

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import ROOT
 
 
-sys.path.insert(0, str(ROOT / "examples"))
 import compare_paper_models  # noqa: E402
 import demo  # noqa: E402
 import pretrain  # noqa: E402

@@ -3,7 +3,6 @@ splits), tokenizer training, ROUGE, and clear errors for bad input (missing colu
 examples, tokenizers without a padding token)."""
 
 import json
-import sys
 import textwrap
 
 import pytest
@@ -21,7 +20,6 @@ from modeling_rat.training_rat import (
 )
 
 
-sys.path.insert(0, str(ROOT / "examples"))
 import pretrain  # noqa: E402
 import sft_summarization  # noqa: E402
 import stdlib_data  # noqa: E402
