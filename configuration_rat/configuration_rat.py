@@ -78,7 +78,8 @@ class RatConfig(PretrainedConfig):
         chunk_size (`int`, defaults to 16): chunk length L of the RAT mixer. L = 1 is close to attention, a chunk as
             long as the sequence is an RNN.
         layer_types (`list[str]`, *optional*): one entry per layer among `"rat"`, `"sliding_attention"`,
-            `"full_attention"`, `"rnn"`; defaults to all `"rat"`. Hybrids are layer patterns.
+            `"full_attention"`, `"rnn"`; defaults to all `"rat"`. Hybrids are layer patterns. Stored in `config.json`
+            as `rat_layer_types` (see `to_dict`); `rat_layer_types` is accepted as an argument for that reason.
         sliding_window (`int`, *optional*): number of tokens a sliding-window attention query sees, itself included
             (the Hugging Face convention). The official code's `window_size=W` corresponds to `sliding_window=W + 1`.
             Required when `layer_types` contains `"sliding_attention"`.
@@ -122,8 +123,16 @@ class RatConfig(PretrainedConfig):
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
         rat_implementation: str = "auto",
+        rat_layer_types: list[str] | None = None,
         **kwargs,
     ):
+        if rat_layer_types is not None:  # the name `layer_types` is stored under in config.json (see `to_dict`)
+            if layer_types is not None and list(layer_types) != list(rat_layer_types):
+                raise ValueError(
+                    f"`layer_types` ({layer_types}) and `rat_layer_types` ({rat_layer_types}) disagree: they are the same "
+                    "field (config.json stores it as `rat_layer_types`); give one of them."
+                )
+            layer_types = rat_layer_types
         if intermediate_size is None:
             intermediate_size = 4 * hidden_size if isinstance(hidden_size, int) else hidden_size
         if layer_types is None and isinstance(num_hidden_layers, int):
@@ -228,6 +237,18 @@ class RatConfig(PretrainedConfig):
         for validator in getattr(PretrainedConfig, "__class_validators__", ()):
             if validator.__name__ != "validate_layer_type":
                 validator(self)
+
+    def to_dict(self) -> dict:
+        """
+        The configuration as a dictionary, as written to `config.json`. `layer_types` is stored under the key
+        `rat_layer_types`: transformers reads `config.json` with its generic configuration class in some places (the
+        Trainer when resuming from a checkpoint, tokenizer loading without `trust_remote_code`), and that class refuses
+        layer types it does not know ("rat", "rnn"). `RatConfig` reads both keys.
+        """
+        output = super().to_dict()
+        if "layer_types" in output:
+            output["rat_layer_types"] = output.pop("layer_types")
+        return output
 
     # --------------------------------------------------------------------------------------------------- presets
 

@@ -77,7 +77,8 @@ def test_round_trip_save_load_and_to_dict(tmp_path):
     assert loaded.to_dict() == config.to_dict()
     assert RatConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["layer_types"] == config.layer_types and saved["model_type"] == "rat"
+    assert saved["rat_layer_types"] == config.layer_types and saved["model_type"] == "rat"
+    assert "layer_types" not in saved  # see test_generic_config_class_reads_a_saved_config
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_rat.RatForCausalLM"
     assert (tmp_path / "configuration_rat.py").is_file() and (tmp_path / "modeling_rat.py").is_file()
 
@@ -88,3 +89,22 @@ def test_auto_config_knows_rat(tmp_path):
     RatConfig.from_preset("rat", "tiny").save_pretrained(tmp_path)
     assert type(AutoConfig.from_pretrained(tmp_path)) is RatConfig
     assert isinstance(AutoConfig.for_model("rat", hidden_size=64, num_attention_heads=4), RatConfig)
+
+
+def test_generic_config_class_reads_a_saved_config(tmp_path):
+    """
+    transformers' Trainer re-reads `config.json` with the generic `PreTrainedConfig` when resuming, and tokenizer loading
+    without `trust_remote_code` does the same: that class refuses layer types it does not know, so the RAT layer
+    pattern is stored as `rat_layer_types`, and both keys load into `RatConfig`.
+    """
+    from transformers import PreTrainedConfig
+
+    config = RatConfig.from_preset("rat-swa", "tiny", layer_types=["rnn", "rat"], sliding_window=None)
+    config.save_pretrained(tmp_path)
+    generic = PreTrainedConfig.from_json_file(str(tmp_path / "config.json"))
+    assert generic.rat_layer_types == ["rnn", "rat"]
+    legacy = config.to_dict()
+    legacy["layer_types"] = legacy.pop("rat_layer_types")  # checkpoints written before the rename
+    assert RatConfig.from_dict(legacy).layer_types == ["rnn", "rat"]
+    with pytest.raises(ValueError, match="disagree"):
+        RatConfig(layer_types=["rat"], rat_layer_types=["rnn"], num_hidden_layers=1, hidden_size=64, num_attention_heads=4)
