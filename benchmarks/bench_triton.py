@@ -48,7 +48,8 @@ if not torch.cuda.is_available():
 
 from configuration_rat import RatConfig  # noqa: E402
 from modeling_rat.cache_rat import RatChunkCacheLayer  # noqa: E402
-from modeling_rat.modeling_rat import RatAttention, RatMixer, RatSequenceLayout  # noqa: E402
+from modeling_rat.modeling_rat import RatAttention, RatMixer  # noqa: E402
+from modeling_rat.rat_layout import RatSequenceLayout  # noqa: E402
 from modeling_rat.rat_ops import apply_rotary, rotary_cos_sin  # noqa: E402
 
 
@@ -349,7 +350,7 @@ def prefilled_rat_cache(mixer, batch, context, device, dtype, tokens_per_call):
         for start in range(0, context, piece):
             length = min(piece, context - start)
             hidden = torch.randn(batch, length, mixer.hidden_size, device=device, dtype=dtype, generator=generator)
-            layout = RatSequenceLayout.build(batch, length, device, past_columns=cache_layer.get_seq_length())
+            layout = RatSequenceLayout.build(batch, length, device, cached_columns=cache_layer.get_seq_length())
             run_rat(mixer, "fast", hidden, cache_layer, layout)
     return cache_layer
 
@@ -366,7 +367,7 @@ def bench_decode(config, mixers, batch, context, device, dtype, args, attention_
     def rat_steps(implementation):
         """A fresh copy of the cache and the step function: each call decodes the next token (the cache grows)."""
         cache_layer = copy.deepcopy(prefilled)
-        layouts = iter([RatSequenceLayout.build(batch, 1, device, past_columns=context + step)
+        layouts = iter([RatSequenceLayout.build(batch, 1, device, cached_columns=context + step)
                         for step in range(num_calls + 1)])  # built ahead: not timed
 
         def step():

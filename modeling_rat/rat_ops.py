@@ -4,7 +4,6 @@ Notation (see the SPEC of the model): B batch, T tokens, D hidden size, H heads 
 L chunk size. Every function here takes the mixer's projections already computed (the model owns the `nn.Linear`
 layers, so LoRA and other adapters always act on what reaches these functions).
 
-* `rat_reference`: the equations written token by token. Slow and obviously right: the ground truth of the tests.
 * `chunk_scan` / `ChunkScan`: the intra-chunk gated recurrence `h_l = f_l * h_{l-1} + u_l`, vectorised over all
   chunks, with a hand-written backward (a reverse scan) so that autograd stores only the gates and the states.
 * `linear_recurrence`: the same recurrence over whole sequences (the `rnn` layer), as two levels of chunk scans.
@@ -12,7 +11,9 @@ layers, so LoRA and other adapters always act on what reaches these functions).
   running summary, as ONE call of `scaled_dot_product_attention` (see its docstring for how the per-token term is
   folded in). Memory stays O(T * (T / L) / block) and the backward never materialises the T x T/L score matrix.
 
-The layout helpers that arrange tokens of padded or packed batches on a grid of chunks live in `modeling_rat.py`.
+Each fast function has a plain reference beside it (`*_reference`), the obviously correct version it is tested
+against; `rat_backends.py` groups them into the "reference" and "fast" backends. The layout helpers that arrange
+tokens of padded or packed batches on a grid of chunks live in `rat_layout.py`.
 """
 
 import math
@@ -48,86 +49,6 @@ def tile_groups(x: torch.Tensor, num_groups: int, num_heads: int) -> torch.Tenso
     return x.repeat(*([1] * (x.dim() - 1)), num_heads // num_groups)
 
 
-# -------------------------------------------------------------------------------------------------- reference
-
-
-def rat_reference(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    forget_gate: torch.Tensor,
-    positions: torch.Tensor,
-    valid: torch.Tensor,
-    chunk_size: int,
-    num_heads: int,
-    rope_theta: float,
-) -> torch.Tensor:
-    """
-    The RAT mixer before its output gate and projection, token by token, exactly as the equations read.
-
-    Args:
-        query, key: (B, T, G*d) projections. value: (B, T, D). forget_gate: (B, T, D), already `sigmoid`-ed, fp32.
-        positions: (B, T) position of each token inside its own sequence; a new sequence starts wherever the
-            position does not continue the previous real token's (packing), and chunks follow positions.
-        valid: (B, T) bool, False for padding, which never enters any state (its output is zero).
-    Returns:
-        (B, T, D) attention outputs a_t (heads concatenated), in the dtype of `value`.
-    """
-    batch_size, seq_len, hidden_size = value.shape
-    num_groups = query.shape[-1] * num_heads // hidden_size
-    head_dim = hidden_size // num_heads
-    scale = 1.0 / math.sqrt(head_dim)
-    out = torch.zeros(batch_size, seq_len, num_heads, head_dim, dtype=torch.float32, device=value.device)
-    for b in range(batch_size):
-        previous_position = None
-        for t in range(seq_len):
-            if not bool(valid[b, t]):
-                continue
-            p = int(positions[b, t])
-            chunk, index_in_chunk = divmod(p, chunk_size)
-            f = forget_gate[b, t].float()
-            v = value[b, t].float()
-            k = tile_groups(key[b, t].float(), num_groups, num_heads)
-            q = tile_groups(query[b, t].float(), num_groups, num_heads)
-            if previous_position is None or p != previous_position + 1:  # a new sequence starts here
-                key_summaries, value_summaries = [], []
-                running_value, running_key = torch.zeros_like(v), torch.zeros_like(k)
-            elif index_in_chunk == 0:  # a new chunk starts here
-                running_value, running_key = torch.zeros_like(v), torch.zeros_like(k)
-            previous_position = p
-            running_value = f * running_value + (1 - f) * v
-            running_key = f * running_key + (1 - f) * k
-            cos, sin = rotary_cos_sin(torch.tensor(chunk, device=value.device), head_dim, rope_theta, torch.float32)
-            q_rot = apply_rotary(q.view(num_heads, head_dim), cos, sin)
-            own_key = apply_rotary(running_key.view(num_heads, head_dim), cos, sin)
-            keys = torch.stack(key_summaries + [own_key], dim=1)  # (H, c+1, d)
-            values = torch.stack(value_summaries + [running_value.view(num_heads, head_dim)], dim=1)
-            scores = torch.einsum("hd,hnd->hn", q_rot, keys) * scale
-            out[b, t] = torch.einsum("hn,hnd->hd", scores.softmax(dim=-1), values)
-            if index_in_chunk == chunk_size - 1:  # the chunk is complete: keep its summary
-                key_summaries.append(own_key)
-                value_summaries.append(running_value.view(num_heads, head_dim))
-    return out.reshape(batch_size, seq_len, hidden_size).to(value.dtype)
-
-
-def rnn_reference(value: torch.Tensor, forget_gate: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
-    """The rnn mixer's recurrence `h_t = f_t h_{t-1} + (1 - f_t) v_t` over whole sequences, token by token."""
-    out = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-    for b in range(value.shape[0]):
-        previous_position, state = None, None
-        for t in range(value.shape[1]):
-            if not bool(valid[b, t]):
-                continue
-            p = int(positions[b, t])
-            if previous_position is None or p != previous_position + 1:
-                state = torch.zeros_like(value[b, t], dtype=torch.float32)
-            previous_position = p
-            f = forget_gate[b, t].float()
-            state = f * state + (1 - f) * value[b, t].float()
-            out[b, t] = state
-    return out.to(value.dtype)
-
-
 # ------------------------------------------------------------------------------------------------ chunk scan
 
 
@@ -145,6 +66,26 @@ def chunk_scan_reference(gates: torch.Tensor, inputs: torch.Tensor, initial_stat
         previous = gates[:, :, index].unsqueeze(-2) * previous + inputs[:, :, index]
         states.append(previous)
     return torch.stack(states, dim=2)
+
+
+def gated_chunk_scan_reference(gates, value, key, initial_state=None):
+    """`gated_chunk_scan` written plainly: the inputs (1 - f) * [v, k tiled] formed, then `chunk_scan_reference`."""
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    gates, value, key = gates.to(dtype), value.to(dtype), key.to(dtype)
+    copies = value.shape[-1] // key.shape[-1]
+    inputs = torch.stack([(1 - gates) * value, (1 - gates) * key.repeat(*([1] * (key.dim() - 1)), copies)], dim=-2)
+    return chunk_scan_reference(gates, inputs, None if initial_state is None else initial_state.to(dtype))
+
+
+def linear_recurrence_reference(gates, inputs, initial_state=None):
+    """`linear_recurrence` written plainly: one step per token along dim 1."""
+    dtype = torch.promote_types(inputs.dtype, torch.float32)
+    state = torch.zeros_like(inputs[:, 0], dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    states = []
+    for index in range(gates.shape[1]):
+        state = gates[:, index].to(dtype).unsqueeze(-2) * state + inputs[:, index].to(dtype)
+        states.append(state)
+    return torch.stack(states, dim=1)
 
 
 def _scan_forward(gates, inputs, initial_state):
@@ -305,6 +246,39 @@ def _cumulative_gate_product(block_gates: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ chunk attention
 
 
+def chunk_attention_reference(query, own_score, own_value, key_summaries, value_summaries, num_cached_chunks, scale):
+    """
+    `chunk_attention` written out: every token's scores against its own term and every summary, the summaries it may
+    not see removed by selects (so that nothing it may not see, not even a NaN, reaches it), one softmax.
+    """
+    num_rows, chunk_size, num_heads, num_chunks, head_dim = query.shape
+    num_keys = key_summaries.shape[2]
+    num_cached = num_keys - (num_chunks - 1)
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    slot = torch.arange(num_keys, device=query.device)
+    chunk = torch.arange(num_chunks, device=query.device)
+    count = torch.zeros(num_rows, dtype=torch.long, device=query.device) if num_cached_chunks is None else num_cached_chunks
+    sees_cached = (slot[None, :] < num_cached) & (slot[None, :] < count[:, None])  # (N, K)
+    sees_new = (slot[None, :] >= num_cached) & (slot[None, :] - num_cached < chunk[:, None])  # (C, K)
+    allowed = (sees_cached[:, None, :] | sees_new[None]).reshape(num_rows, 1, 1, num_chunks, num_keys, 1)
+    keys = torch.where(allowed, key_summaries.to(dtype)[:, None, :, None], 0.0)  # (N, 1, H, C, K, d)
+    values = torch.where(allowed, value_summaries.to(dtype)[:, None, :, None], 0.0)
+    scores = (query.to(dtype).unsqueeze(-2) * keys).sum(-1) * scale  # (N, L, H, C, K)
+    scores = torch.where(allowed[..., 0], scores, float("-inf"))
+    weights = torch.cat([own_score.to(dtype).unsqueeze(-1) * scale, scores], dim=-1).softmax(dim=-1)
+    out = weights[..., :1] * own_value.to(dtype) + (weights[..., 1:].unsqueeze(-1) * values).sum(-2)
+    return out.to(query.dtype)
+
+
+def decode_attention_reference(query, own_score, own_value, key_summaries, value_summaries, num_cached_chunks, scale):
+    """`decode_attention` as `chunk_attention_reference` of one token per row: (B, H, d) in and out."""
+    out = chunk_attention_reference(
+        query[:, None, :, None], own_score[:, None, :, None], own_value[:, None, :, None],
+        key_summaries, value_summaries, num_cached_chunks, scale,
+    )
+    return out[:, 0, :, 0]
+
+
 def padded_head_dim(head_dim: int, device: torch.device | str = "cuda") -> int:
     """Head size of the augmented attention inputs: d + 1, rounded up to a multiple of 8 for GPU kernels (the CPU
     flash kernel takes any size, and padding would only add work)."""
@@ -313,17 +287,17 @@ def padded_head_dim(head_dim: int, device: torch.device | str = "cuda") -> int:
     return -(-(head_dim + 1) // 8) * 8
 
 
-def chunk_attention_mask(history_count: torch.Tensor, num_history: int, num_chunks: int) -> torch.Tensor:
+def chunk_attention_mask(num_cached_chunks: torch.Tensor, num_cached: int, num_chunks: int) -> torch.Tensor:
     """
-    (N, 1, C, 1 + P + C - 1) bool: which of [own slot, P history summaries, C - 1 new summaries] each query chunk
-    sees. Query chunk i of row n sees the own slot, history slots j < history_count[n], and new summaries k < i.
+    (N, 1, C, 1 + P + C - 1) bool: which of [own slot, P cached summaries, C - 1 new summaries] each query chunk
+    sees. Query chunk i of row n sees the own slot, cached slots j < num_cached_chunks[n], and new summaries k < i.
     """
-    device = history_count.device
-    rows = history_count.shape[0]
+    device = num_cached_chunks.device
+    rows = num_cached_chunks.shape[0]
     own = torch.ones(rows, num_chunks, 1, dtype=torch.bool, device=device)
-    history = torch.arange(num_history, device=device)[None, None, :] < history_count[:, None, None]
+    cached = torch.arange(num_cached, device=device)[None, None, :] < num_cached_chunks[:, None, None]
     new = torch.arange(num_chunks - 1, device=device)[None, :] < torch.arange(num_chunks, device=device)[:, None]
-    return torch.cat([own, history.expand(-1, num_chunks, -1), new[None].expand(rows, -1, -1)], dim=-1).unsqueeze(1)
+    return torch.cat([own, cached.expand(-1, num_chunks, -1), new[None].expand(rows, -1, -1)], dim=-1).unsqueeze(1)
 
 
 def chunk_attention(
@@ -332,7 +306,7 @@ def chunk_attention(
     own_value: torch.Tensor,
     key_summaries: torch.Tensor,
     value_summaries: torch.Tensor,
-    history_count: torch.Tensor | None,
+    num_cached_chunks: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
     """
@@ -348,10 +322,10 @@ def chunk_attention(
     Shapes (N independent rows, L tokens per chunk, H heads, C query chunks, d head size):
         query: (N, L, H, C, d), rotated by each token's chunk index.
         own_score: (N, L, H, C) fp32; own_value: (N, L, H, C, d).
-        key_summaries, value_summaries: (N, H, P + C - 1, d): P summaries from earlier calls (a cache: the
-            "history"), then the summaries of query chunks 0..C-2 of this call. Keys are rotated.
-        history_count: None when P = 0 (plain chunk-causal attention: query chunk i sees new summaries < i),
-            else (N,) how many of the P history slots of each row are valid (all of them come before chunk 0).
+        key_summaries, value_summaries: (N, H, P + C - 1, d): P summaries from earlier calls (held by a
+            cache), then the summaries of query chunks 0..C-2 of this call. Keys are rotated.
+        num_cached_chunks: None when P = 0 (plain chunk-causal attention: query chunk i sees new summaries < i),
+            else (N,) how many of the P cached slots of each row are valid (all of them come before chunk 0).
     Returns (N, L, H, C, d).
     """
     num_rows, chunk_size, num_heads, num_chunks, head_dim = query.shape
@@ -373,12 +347,12 @@ def chunk_attention(
     zeros = key_summaries.new_zeros(num_rows, num_heads, num_keys, width - head_dim)
     key_aug = torch.cat([own_slot, torch.cat([key_summaries, zeros], -1)], dim=2)
     value_aug = torch.cat([own_slot, torch.cat([value_summaries, zeros], -1)], dim=2)
-    if history_count is None:
+    if num_cached_chunks is None:
         if num_keys != num_chunks - 1:
-            raise ValueError(f"Without history, {num_chunks} query chunks need {num_chunks - 1} key summaries, got {num_keys}.")
+            raise ValueError(f"Without cached summaries, {num_chunks} query chunks need {num_chunks - 1} key summaries, got {num_keys}.")
         out = F.scaled_dot_product_attention(query_aug, key_aug, value_aug, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        mask = chunk_attention_mask(history_count, num_keys - (num_chunks - 1), num_chunks)
+        mask = chunk_attention_mask(num_cached_chunks, num_keys - (num_chunks - 1), num_chunks)
         out = F.scaled_dot_product_attention(query_aug, key_aug, value_aug, attn_mask=mask, scale=scale, enable_gqa=True)
     attended, own_weight, _ = out.reshape(num_rows, num_heads, chunk_size, num_chunks, width).split(
         [head_dim, 1, width - head_dim - 1], dim=-1
@@ -392,17 +366,17 @@ def decode_attention(
     own_value: torch.Tensor,
     key_summaries: torch.Tensor,
     value_summaries: torch.Tensor,
-    history_count: torch.Tensor,
+    num_cached_chunks: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
     """
     `chunk_attention` for one new token per row (decoding), reading the cached summaries in place (no augmented
     copies): query (B, H, d) rotated, own_score (B, H) fp32, own_value (B, H, d), key/value summaries (B, H, P, d)
-    of which the first history_count[b] are valid. Returns (B, H, d).
+    of which the first num_cached_chunks[b] are valid. Returns (B, H, d).
     """
     scores = torch.matmul(query.unsqueeze(2), key_summaries.transpose(-1, -2)).squeeze(2).float()  # (B, H, P)
     slots = torch.arange(key_summaries.shape[2], device=query.device)
-    scores = scores.masked_fill((slots[None, :] >= history_count[:, None])[:, None, :], float("-inf"))
+    scores = scores.masked_fill((slots[None, :] >= num_cached_chunks[:, None])[:, None, :], float("-inf"))
     weights = torch.cat([own_score.float().unsqueeze(-1), scores], dim=-1).mul(scale).softmax(dim=-1)
     out = torch.matmul(weights[..., 1:].unsqueeze(2).to(value_summaries.dtype), value_summaries).squeeze(2)
     return (out.float() + weights[..., :1] * own_value.float()).to(own_value.dtype)

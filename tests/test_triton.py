@@ -393,7 +393,10 @@ def test_triton_model_bfloat16_is_close_to_float32():
 
 def test_triton_dispatch_auto_picks_triton_on_cuda_and_fast_elsewhere(monkeypatch):
     from configuration_rat import RatConfig
-    from modeling_rat.modeling_rat import resolve_rat_implementation
+    from modeling_rat.rat_backends import select_rat_backend
+
+    def resolve_rat_implementation(config, device, dtype=None):
+        return select_rat_backend(config, device, dtype).name
 
     config = RatConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, layer_types=["rat"], vocab_size=8)
     assert resolve_rat_implementation(config, torch.device("cpu")) == "fast"

@@ -1,0 +1,131 @@
+"""How RAT and rnn layers compute: one table of backends, chosen once per forward.
+
+Every backend offers the same four functions, so a mixer never branches on which one runs:
+
+* `gated_chunk_scan(gates, value, key, initial_state)`: the intra-chunk recurrence of values and tiled keys;
+* `chunk_attention(query, own_score, own_value, key_summaries, value_summaries, num_cached_chunks, scale)`: every
+  token's single softmax over earlier chunk summaries and its own running summary;
+* `decode_attention(...)`: the same for one new token per row, reading cached summaries in place;
+* `linear_recurrence(gates, inputs, initial_state)`: the rnn layer's recurrence over whole sequences.
+
+Backends: "reference" (plain PyTorch, obviously correct, slow: what the others are tested against), "fast"
+(vectorised PyTorch, any device), "triton" (fused GPU kernels, `rat_triton.py`). `config.rat_implementation`
+picks one; "auto" picks the fastest correct one for the device and says which, once.
+"""
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers.utils import logging
+
+from .rat_ops import (
+    chunk_attention,
+    chunk_attention_reference,
+    decode_attention,
+    decode_attention_reference,
+    gated_chunk_scan,
+    gated_chunk_scan_reference,
+    linear_recurrence,
+    linear_recurrence_reference,
+)
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RatBackend:
+    name: str
+    gated_chunk_scan: Callable[..., torch.Tensor]
+    chunk_attention: Callable[..., torch.Tensor]
+    decode_attention: Callable[..., torch.Tensor]
+    linear_recurrence: Callable[..., torch.Tensor]
+
+
+REFERENCE = RatBackend(
+    "reference",
+    gated_chunk_scan=gated_chunk_scan_reference,
+    chunk_attention=chunk_attention_reference,
+    decode_attention=decode_attention_reference,
+    linear_recurrence=linear_recurrence_reference,
+)
+
+FAST = RatBackend(
+    "fast",
+    gated_chunk_scan=gated_chunk_scan,
+    chunk_attention=chunk_attention,
+    decode_attention=decode_attention,
+    linear_recurrence=linear_recurrence,
+)
+
+
+@functools.cache
+def _triton_backend() -> RatBackend:
+    from .rat_triton import chunk_attention as triton_chunk_attention
+    from .rat_triton import chunk_scan as triton_chunk_scan
+
+    def triton_decode_attention(query, own_score, own_value, key_summaries, value_summaries, num_cached_chunks, scale):
+        # one token per row is a chunk attention with one query chunk of one token: one program per row and head
+        out = triton_chunk_attention(
+            query[:, None, :, None], own_score[:, None, :, None], own_value[:, None, :, None],
+            key_summaries, value_summaries, num_cached_chunks, scale=scale,
+        )
+        return out[:, 0, :, 0]
+
+    return RatBackend(
+        "triton",
+        gated_chunk_scan=functools.partial(gated_chunk_scan, scan=triton_chunk_scan),
+        chunk_attention=triton_chunk_attention,
+        decode_attention=triton_decode_attention,
+        linear_recurrence=linear_recurrence,
+    )
+
+
+def select_rat_backend(config, device: torch.device | str, dtype: torch.dtype | None = None) -> RatBackend:
+    """
+    The backend RAT layers use for activations of `dtype` on `device` (under autocast, its dtype counts): the one
+    `config.rat_implementation` names, or for "auto" the Triton kernels on CUDA when they can run, else "fast".
+    """
+    device = torch.device(device)
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    requested = getattr(config, "rat_implementation", "auto")
+    if requested == "reference":
+        return REFERENCE
+    if requested == "fast":
+        return FAST
+    if requested == "triton":
+        from .rat_triton import TRITON_IMPORT_ERROR, triton_is_usable
+
+        if not triton_is_usable(device, dtype):
+            reason = f"triton cannot be imported ({TRITON_IMPORT_ERROR})" if TRITON_IMPORT_ERROR else (
+                f"the kernels take CUDA tensors (or CPU tensors under TRITON_INTERPRET=1) of dtype float32, bfloat16 or "
+                f"float16, got {device} {dtype}"
+            )
+            raise ValueError(f"rat_implementation='triton' cannot run here: {reason}. Use 'auto' or 'fast'.")
+        return _triton_backend()
+    if device.type == "cuda":
+        from .rat_triton import triton_is_usable
+
+        if triton_is_usable(device, dtype):
+            _log_once(logger.info_once, "RAT layers run the Triton kernels (rat_implementation='auto' on CUDA).")
+            return _triton_backend()
+        _log_once(
+            logger.warning_once,
+            "RAT layers run the fast PyTorch path on CUDA: the Triton kernels need `triton` installed and float32, "
+            "bfloat16 or float16 activations.",
+        )
+        return FAST
+    _log_once(logger.info_once, "RAT layers run the fast PyTorch path (rat_implementation='auto' off CUDA).")
+    return FAST
+
+
+def _log_once(log, message: str):
+    """Log outside torch.compile tracing only (a logging call inside a traced forward breaks the graph)."""
+    if not torch.compiler.is_compiling():
+        log(message)
+
+
+__all__ = ["RatBackend", "REFERENCE", "FAST", "select_rat_backend"]
