@@ -10,7 +10,7 @@ From these figures follows what bounds the RAT / attention speed-up of the PyTor
 operation of RAT were free (what a fused kernel approaches), RAT would still take its matmul + attention-kernel
 time, so attention_total / (rat_matmul + rat_attention_kernel) is the ceiling of the ratio at this length.
 
-    python benchmarks/profile_mixer.py [--length 16384] [--batch 1] [--output benchmarks/results-targets]
+    python benchmarks/profile_mixer.py [--length 16384] [--batch 1] [--output results/benchmarks]
 """
 
 import argparse

@@ -88,7 +88,7 @@ def parse_args(argv=None):
     scale.add_argument("--quick", action="store_true", help="smaller sizes and fewer runs (about two minutes)")
     scale.add_argument("--smoke", action="store_true", help="toy sizes: checks the suite end to end in seconds")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated benchmarks to run")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"), help="folder for JSON, PNG, results.md")
+    parser.add_argument("--output", default=str(ROOT / "results" / "benchmarks"), help="folder for JSON, PNG, results.md")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
     parser.add_argument("--threads", type=int, default=None,

@@ -1,7 +1,7 @@
 """
 The project's performance targets, measured side by side in one run with the suite's benchmarks:
 
-    python benchmarks/targets.py [--output benchmarks/results-targets] [--threads N] [--only decode,cache]
+    python benchmarks/targets.py [--output results/benchmarks/targets] [--threads N] [--only decode,cache]
 
 `--only` re-measures the named sections (`--only none`: none, the report is rebuilt); the others are read back from their JSON files in the output folder
 (when a previous run wrote them), so the report always covers every target that has been measured.
@@ -60,7 +60,7 @@ def _figures(first: dict | None, second: dict | None, key: str, first_name: str,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results-targets"))
+    parser.add_argument("--output", default=str(ROOT / "results" / "benchmarks" / "targets"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help="sections to measure now (default: all; 'none' only rebuilds targets.md); the others are read back "
