@@ -450,13 +450,6 @@ def format_rate(tokens_per_s: float) -> str:
     return f"{tokens_per_s:,.0f} tokens/s"
 
 
-def format_count(count: int) -> str:
-    for divisor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if count >= divisor:
-            return f"{count / divisor:.3g}{suffix}"
-    return str(count)
-
-
 def format_length(tokens: int) -> str:
     return f"{tokens // 1024}K" if tokens >= 1024 and tokens % 1024 == 0 else str(tokens)
 

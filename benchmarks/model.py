@@ -32,7 +32,6 @@ from .common import (
     compare,
     dtype_tolerance,
     finish_benchmark,
-    format_count,
     measure,
     plot_length_sweep,
     run_cases,
@@ -215,7 +214,7 @@ def run(settings: ModelSettings, options: RunOptions, output_dir=None, machine: 
 
 def markdown(result: dict) -> str:
     settings, arch = result["settings"], result["settings"]["architecture"]
-    sizes = ", ".join(f"{name} {format_count(result['parameters'][name]['parameters'])}" for name in settings["models"])
+    sizes = ", ".join(f"{name} {result['parameters'][name]['parameters'] / 1e6:.3g}M" for name in settings["models"])
     return "\n".join([
         f"### Whole model vs Llama (D {arch['hidden_size']}, {arch['num_layers']} layers, H {arch['num_heads']}, "
         f"L {arch['chunk_size']}, window {arch['sliding_window']}, vocabulary {arch['vocab_size']}, "
