@@ -26,20 +26,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from configuration_rat import PAPER_LAYER_PATTERNS
 from modeling_rat import RatConfig, RatForCausalLM
 
-from .common import (
-    RunOptions,
-    check_settings,
-    compare,
-    dtype_tolerance,
-    finish_benchmark,
-    measure,
-    plot_length_sweep,
-    run_cases,
-    sweep_plan,
-    sweep_summary,
-    sweep_tables,
-    verify,
-)
+from .common import RunOptions, check_settings, compare, dtype_tolerance, finish_benchmark, measure, run_cases, verify
+from .sweep import plot_length_sweep, sweep_plan, sweep_summary, sweep_tables
 
 
 MODES = ("prefill", "train")

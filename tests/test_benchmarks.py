@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import cache, common, decode, mixer, model
+from benchmarks import cache, common, decode, mixer, model, sweep
 from benchmarks import run as suite
 from modeling_rat import RatConfig, RatForCausalLM
 
@@ -335,16 +335,16 @@ def test_cache_benchmark_refuses_wrong_decoding_and_reports_formula_mismatches(m
 
 
 def test_break_even():
-    crossed = common.break_even([1024, 2048, 4096], [0.5, 0.8, 2.0])
+    crossed = sweep.break_even([1024, 2048, 4096], [0.5, 0.8, 2.0])
     assert crossed["status"] == "crossed" and crossed["between"] == [2048, 4096]
     # log-log interpolation: ratio 0.8 -> 2.0 over one doubling crosses 1 at 2048 * 2 ** (log(1.25) / log(2.5))
     assert crossed["length"] == round(2048 * 2 ** (math.log(1.25) / math.log(2.5)))
-    assert common.break_even([1, 2], [1.5, 3.0])["status"] == "below_range"
-    assert common.break_even([1, 2], [0.5, 0.9])["status"] == "not_reached"
-    assert common.break_even([1, 2, 4], [1.1, 1.5, 0.7])["status"] == "not_sustained"
-    assert common.break_even([1, 2], [None, None])["status"] == "unknown"
+    assert sweep.break_even([1, 2], [1.5, 3.0])["status"] == "below_range"
+    assert sweep.break_even([1, 2], [0.5, 0.9])["status"] == "not_reached"
+    assert sweep.break_even([1, 2, 4], [1.1, 1.5, 0.7])["status"] == "not_sustained"
+    assert sweep.break_even([1, 2], [None, None])["status"] == "unknown"
     # a crossing followed by a dip below 1 again: the break-even is where RAT stays faster
-    assert common.break_even([1, 2, 4, 8], [0.5, 1.2, 0.9, 1.5])["between"] == [4, 8]
+    assert sweep.break_even([1, 2, 4, 8], [0.5, 1.2, 0.9, 1.5])["between"] == [4, 8]
 
 
 def test_time_call_uses_the_runs_thread_count_and_reports_every_block():
