@@ -37,7 +37,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "bench": ["matplotlib>=3.8", "tqdm>=4.66"],
+        "bench": ["matplotlib>=3.8", "tqdm>=4.66", "psutil>=5.9"],
         "train": TRAIN,
         # triton in dev: the kernel tests run on CPUs too, under Triton's interpreter (wheels exist for Linux only)
         "dev": TRAIN + ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "triton>=3.2; platform_system == 'Linux'"],
