@@ -30,6 +30,7 @@ What happens, in order:
 
 import argparse
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -80,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics", metavar="JSON", help="JSON file of training/evaluation results, shown in the model card")
     parser.add_argument(
         "--prompt-format", metavar="FORMAT",
-        help="prompt format of the fine-tuning task, its input in braces, e.g. '{document}\\nSummary:'; the model card's "
-             f"usage snippet prompts that way (default: the '{PROMPT_FORMAT_KEY}' of --metrics, else a neutral prompt)",
+        help="prompt format of the fine-tuning task, its input in braces, e.g. '{document}\\nSummary:' (\\n and \\t are read "
+             "as a new line and a tab); the model card's usage snippet prompts that way (default: the "
+             f"'{PROMPT_FORMAT_KEY}' of --metrics, else a neutral prompt)",
     )
     parser.add_argument("--tags", nargs="+", metavar="TAG", help="extra model card tags (`rat` is always there)")
     parser.add_argument("--model-name", help="title of the model card (default: the repo name)")
@@ -113,6 +115,11 @@ def _check_hub_ids(args: argparse.Namespace):
         raise HubUploadError(f"--repo-id must be OWNER/NAME (your user or organization name, a slash, the model name), got {args.repo_id!r}.")
 
 
+def _read_escapes(text: str) -> str:
+    """`\\n`, `\\t` and `\\\\` typed on a command line, as a new line, a tab and a backslash."""
+    return re.sub(r"\\([nt\\])", lambda match: {"n": "\n", "t": "\t", "\\": "\\"}[match.group(1)], text)
+
+
 def _check_options(args: argparse.Namespace):
     """Refuse bad options before any work."""
     from transformers.utils.hub import convert_file_size_to_int
@@ -125,8 +132,18 @@ def _check_options(args: argparse.Namespace):
         raise HubUploadError(f"--max-shard-size {args.max_shard_size!r} is not a size such as 5GB or 500MB: {error}") from error
     if not args.validation_timeout > 0:
         raise HubUploadError(f"--validation-timeout must be a positive number of seconds, got {args.validation_timeout}.")
+
+
+def _prompt_format(args: argparse.Namespace, metrics: dict | None) -> str | None:
+    """The fine-tuning prompt format: `--prompt-format`, else the one `--metrics` names, else None (unknown)."""
     if args.prompt_format is not None:
-        check_prompt_format(args.prompt_format, "--prompt-format")
+        prompt_format, where = _read_escapes(args.prompt_format), "--prompt-format"
+    elif PROMPT_FORMAT_KEY in (metrics or {}):
+        prompt_format, where = metrics[PROMPT_FORMAT_KEY], f"{PROMPT_FORMAT_KEY} in --metrics {args.metrics}"
+    else:
+        return None
+    check_prompt_format(prompt_format, where)
+    return prompt_format
 
 
 def publish(args: argparse.Namespace) -> int:
@@ -134,10 +151,7 @@ def publish(args: argparse.Namespace) -> int:
 
     _check_options(args)
     metrics = read_metrics(args.metrics) if args.metrics else None
-    prompt_format = args.prompt_format
-    if prompt_format is None and PROMPT_FORMAT_KEY in (metrics or {}):
-        prompt_format = metrics[PROMPT_FORMAT_KEY]
-        check_prompt_format(prompt_format, f"{PROMPT_FORMAT_KEY} in --metrics {args.metrics}")
+    prompt_format = _prompt_format(args, metrics)
     token = None if args.dry_run else resolve_token(args.token)  # before hours of work, not after
     if args.staging_dir:
         prepare_staging_dir(args.staging_dir)
@@ -191,6 +205,9 @@ def main(argv=None) -> int:
     except OSError as error:  # the file system refused something not covered above (e.g. no temporary folder)
         print(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (an upload is one commit: it either completed or changed nothing)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -303,13 +303,20 @@ def official_to_rat(
 
     problems = [f"{key!r} holds NaN or infinite values" for key, tensor in state.items()
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-    in_proj_rows = {state[key].shape[0] for i, layer_type in enumerate(layer_types)
-                    if layer_type == "rat" and (key := f"backbone.layers.{i}.seq_layer.in_proj.weight") in state}
-    if len(in_proj_rows) > 1:
-        raise OfficialCheckpointError(f"The RAT layers' in_proj weights have different row counts {sorted(in_proj_rows)}: a RAT model has one.")
+    layers_by_rows = {}  # in_proj row count -> the layers that should be RAT layers and have it
+    for i, layer_type in enumerate(layer_types):
+        in_proj = state.get(f"backbone.layers.{i}.seq_layer.in_proj.weight")
+        if layer_type == "rat" and in_proj is not None and in_proj.dim() == 2:
+            layers_by_rows.setdefault(in_proj.shape[0], []).append(i)
+    if len(layers_by_rows) > 1:
+        listed = "; ".join(f"layers {layers}: {rows} rows" for rows, layers in sorted(layers_by_rows.items()))
+        raise OfficialCheckpointError(
+            f"The layers that --layer-pattern makes RAT layers have in_proj weights of different sizes ({listed}); "
+            f"3·D = {3 * hidden_size} rows is an attention or rnn layer: check --layer-pattern."
+        )
     group_width = None  # G·d, the width of the RAT layers' queries (and keys)
-    if in_proj_rows:
-        qk_rows = in_proj_rows.pop() - 3 * hidden_size
+    if layers_by_rows:
+        qk_rows = next(iter(layers_by_rows)) - 3 * hidden_size
         if qk_rows <= 0 or qk_rows % 2:
             raise OfficialCheckpointError(
                 f"A layer that should be a RAT layer has an in_proj of {qk_rows + 3 * hidden_size} rows; a RAT in_proj has "
@@ -332,7 +339,7 @@ def official_to_rat(
     if stated.get("tie_word_embeddings") and not tie_word_embeddings:
         problems.append("the training config ties the LM head to the embedding, but 'head.lm_head.weight' differs from it")
     if problems:
-        raise OfficialCheckpointError("The checkpoint does not match the given architecture:\n  - " + "\n  - ".join(problems))
+        raise OfficialCheckpointError("The checkpoint cannot be converted:\n  - " + "\n  - ".join(problems))
     for name in ("max_position_embeddings", "rope_theta"):
         if name in stated:
             config_overrides.setdefault(name, stated[name])
@@ -439,6 +446,9 @@ def _writing_folder(output_dir: Path) -> Path:
         raise OfficialCheckpointError(f"--output {output_dir} is a file: give the path of a new folder.")
     if output_dir.is_dir() and any(output_dir.iterdir()):
         raise OfficialCheckpointError(f"--output {output_dir} exists and is not empty: choose another folder.")
+    blocking = next((parent for parent in output_dir.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise OfficialCheckpointError(f"--output {output_dir} cannot be created: {blocking} is a file, not a folder.")
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=".converting-", dir=output_dir.parent))
@@ -540,6 +550,9 @@ def main(argv=None):
     except (OfficialCheckpointError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; nothing was written to {args.output}", file=sys.stderr)
+        return 130
     print(f"Converted {args.checkpoint} -> {args.output}: {model.num_parameters():,} parameters.")
     return 0
 

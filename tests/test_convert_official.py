@@ -1,5 +1,6 @@
 """The converter of official checkpoints: fixture parity, the geometry it infers or reads, the CLI, and its errors."""
 
+import re
 import subprocess
 import sys
 import types
@@ -315,7 +316,7 @@ def test_options_must_agree_with_the_training_config(changes, options, message, 
     error = capsys.readouterr().err
     assert code == 2
     assert error.startswith("error: ") and len(error.strip().splitlines()) == 1, error
-    assert __import__("re").search(message, error), error
+    assert re.search(message, error), error
     assert not (tmp_path / "converted").exists()
 
 
@@ -340,9 +341,9 @@ def test_cli_errors_are_one_line(rat_fixture, tmp_path, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     assert f"--output {a_file} is a file" in _cli_error([*arguments, "--output", str(a_file)], capsys)
-    assert "Cannot write the converted model to --output" in _cli_error([*arguments, "--output", str(a_file / "converted")], capsys)
+    assert f"{a_file} is a file, not a folder" in _cli_error([*arguments, "--output", str(a_file / "converted")], capsys)
     # a place nobody may write to, root included (/sys on Linux; a read-only system volume elsewhere)
-    assert "/sys/rat-converted" in _cli_error([*arguments, "--output", "/sys/rat-converted"], capsys)
+    assert "Cannot write the converted model to --output /sys/rat-converted" in _cli_error([*arguments, "--output", "/sys/rat-converted"], capsys)
     full = tmp_path / "full"
     full.mkdir()
     (full / "model.safetensors").write_text("earlier")
@@ -359,3 +360,10 @@ def test_cli_window_minus_five_is_explained(tmp_path, capsys):
     arguments = _cli_arguments(checkpoint, arch, pattern, tmp_path / "out")
     error = _cli_error([*arguments, "--window", "-5"], capsys)
     assert "--window must be an integer >= 0 (the official window_size W: a query sees W + 1 tokens), got -5" in error
+
+
+def test_a_layer_pattern_that_does_not_match_the_weights_is_named():
+    path = [p for p in fixture_paths() if p.stem == "rat_swa_tiny"][0]
+    fixture, arch, _ = _load_fixture(path)
+    with pytest.raises(OfficialCheckpointError, match=r"layers \[1, 3\]: 192 rows; layers \[0, 2\]: 256 rows.*check --layer-pattern"):
+        convert_official_checkpoint(fixture["checkpoint"], chunk_size=arch["chunk_size"], layer_pattern="rat")

@@ -294,8 +294,8 @@ def model_card(
     if datasets:
         summary.append("Trained on " + ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets) + ".")
     tokenizer_note = (
-        " The tokenizer needs it too: transformers reads the model's configuration to pick the tokenizer class, and that "
-        "configuration is part of the code." if has_tokenizer else ""
+        "\nThe tokenizer takes it too: `AutoTokenizer` first reads the model's `config.json`, which names this code "
+        "(without the flag,\ntransformers asks whether to run it)." if has_tokenizer else ""
     )
     prompt_note = ""
     if prompt_format is not None:

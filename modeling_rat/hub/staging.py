@@ -117,6 +117,9 @@ def prepare_staging_dir(staging_dir) -> Path:
         raise HubUploadError(f"--staging-dir {staging_dir} is a file: give the path of an empty or new folder.")
     if staging_dir.is_dir() and any(staging_dir.iterdir()):
         raise HubUploadError(f"--staging-dir {staging_dir} is not empty: give an empty or new folder, so that no stray file gets uploaded.")
+    blocking = next((parent for parent in staging_dir.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise HubUploadError(f"Cannot create --staging-dir {staging_dir}: {blocking} is a file, not a folder.")
     try:
         staging_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
