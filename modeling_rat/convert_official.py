@@ -149,6 +149,10 @@ def read_training_config(training_config: dict) -> dict:
 # ================================================================================================ geometry
 
 
+def _is_count(value, smallest: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= smallest
+
+
 def _divisors(number: int) -> list[int]:
     return [d for d in range(1, number + 1) if number % d == 0]
 
@@ -170,7 +174,7 @@ def _infer_heads(hidden_size, group_width, has_attention, num_heads, num_qk_grou
     (None without RAT layers). Refuses every combination that does not fit the weights.
     """
     for option, value in (("--num-heads", num_heads), ("--num-qk-groups", num_qk_groups)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and not _is_count(value):
             raise OfficialCheckpointError(f"{option} must be a positive integer, got {value!r}.")
     if num_heads is not None and hidden_size % num_heads:
         raise OfficialCheckpointError(
@@ -291,38 +295,19 @@ def official_to_rat(
         raise OfficialCheckpointError("The layer pattern has sliding-window layers: give --window (official window_size; the paper's is 1024).")
     if window is not None and not has_sliding:
         raise OfficialCheckpointError(f"--window is for sliding-window layers, and the layers {sorted(set(layer_types))} have none: leave it out or check --layer-pattern.")
-    if has_sliding and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
+    if has_sliding and not _is_count(window, smallest=0):
         raise OfficialCheckpointError(
             f"--window must be an integer >= 0 (the official window_size W: a query sees W + 1 tokens), got {window!r}."
         )
     chunk_size, chunk_source = _choose("--chunk-size", chunk_size, stated.get("chunk_size"))
     if "rat" in layer_types and chunk_size is None:
         raise OfficialCheckpointError("Give --chunk-size: the chunk size of RAT layers is not in the weights (the paper's is 16).")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+    if chunk_size is not None and not _is_count(chunk_size):
         raise OfficialCheckpointError(f"--chunk-size must be a positive integer (the paper's is 16), got {chunk_size!r}.")
 
     problems = [f"{key!r} holds NaN or infinite values" for key, tensor in state.items()
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-    layers_by_rows = {}  # in_proj row count -> the layers that should be RAT layers and have it
-    for i, layer_type in enumerate(layer_types):
-        in_proj = state.get(f"backbone.layers.{i}.seq_layer.in_proj.weight")
-        if layer_type == "rat" and in_proj is not None and in_proj.dim() == 2:
-            layers_by_rows.setdefault(in_proj.shape[0], []).append(i)
-    if len(layers_by_rows) > 1:
-        listed = "; ".join(f"layers {layers}: {rows} rows" for rows, layers in sorted(layers_by_rows.items()))
-        raise OfficialCheckpointError(
-            f"The layers that --layer-pattern makes RAT layers have in_proj weights of different sizes ({listed}); "
-            f"3·D = {3 * hidden_size} rows is an attention or rnn layer: check --layer-pattern."
-        )
-    group_width = None  # G·d, the width of the RAT layers' queries (and keys)
-    if layers_by_rows:
-        qk_rows = next(iter(layers_by_rows)) - 3 * hidden_size
-        if qk_rows <= 0 or qk_rows % 2:
-            raise OfficialCheckpointError(
-                f"A layer that should be a RAT layer has an in_proj of {qk_rows + 3 * hidden_size} rows; a RAT in_proj has "
-                f"3·D + 2·G·d rows (D={hidden_size}): check --layer-pattern."
-            )
-        group_width = qk_rows // 2
+    group_width = _rat_query_width(state, layer_types, hidden_size)
     num_heads, heads_source = _choose("--num-heads", num_heads, stated.get("num_heads"))
     num_qk_groups, groups_source = _choose("--num-qk-groups", num_qk_groups, stated.get("num_qk_groups"))
     if groups_source is None:
@@ -370,6 +355,30 @@ def official_to_rat(
         geometry.append(f"sliding window: official window_size {window} ({window_source}) -> sliding_window {window + 1}")
     geometry.append(f"(the paper's 1.3B models: {PAPER_GEOMETRY})")
     return config, {key: value.contiguous() for key, value in converted.items()}, geometry
+
+
+def _rat_query_width(state, layer_types, hidden_size) -> int | None:
+    """G·d, the width of the RAT layers' queries (and keys), from their in_proj rows (3·D + 2·G·d); None without RAT layers."""
+    layers_by_rows = {}  # in_proj row count -> the layers that should be RAT layers and have it
+    for i, layer_type in enumerate(layer_types):
+        in_proj = state.get(f"backbone.layers.{i}.seq_layer.in_proj.weight")
+        if layer_type == "rat" and in_proj is not None and in_proj.dim() == 2:
+            layers_by_rows.setdefault(in_proj.shape[0], []).append(i)
+    if len(layers_by_rows) > 1:
+        listed = "; ".join(f"layers {layers}: {rows} rows" for rows, layers in sorted(layers_by_rows.items()))
+        raise OfficialCheckpointError(
+            f"The layers that --layer-pattern makes RAT layers have in_proj weights of different sizes ({listed}); "
+            f"3·D = {3 * hidden_size} rows is an attention or rnn layer: check --layer-pattern."
+        )
+    if not layers_by_rows:
+        return None
+    qk_rows = next(iter(layers_by_rows)) - 3 * hidden_size
+    if qk_rows <= 0 or qk_rows % 2:
+        raise OfficialCheckpointError(
+            f"A layer that should be a RAT layer has an in_proj of {qk_rows + 3 * hidden_size} rows; a RAT in_proj has "
+            f"3·D + 2·G·d rows (D={hidden_size}): check --layer-pattern."
+        )
+    return qk_rows // 2
 
 
 def _convert_weights(state, layer_types, hidden_size, intermediate_size, qk_width, problems) -> dict:

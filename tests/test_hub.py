@@ -431,6 +431,10 @@ def test_source_errors(tmp_path, capsys, trained_checkpoint):
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
     code, error = _run_main([str(other), "--repo-id", "a/b", "--dry-run"], capsys)
     assert code == 2 and "'llama' model, not a RAT model" in error
+    for text in ("{not json", "[1, 2]"):
+        (other / "config.json").write_text(text)
+        code, error = _run_main([str(other), "--repo-id", "a/b", "--dry-run"], capsys)
+        assert code == 2 and f"Cannot read {other / 'config.json'} as a JSON object" in error
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
