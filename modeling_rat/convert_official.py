@@ -446,18 +446,27 @@ def _convert_weights(state, layer_types, hidden_size, intermediate_size, qk_widt
     return converted
 
 
+def new_folder_problem(folder: Path, option: str) -> str | None:
+    """Why `folder` (given as `option`) cannot be an output folder: it is a file, a folder that is not empty, or lies
+    under a file; None if it can."""
+    if folder.exists() and not folder.is_dir():
+        return f"{option} {folder} is a file: give the path of an empty or new folder."
+    if folder.is_dir() and any(folder.iterdir()):
+        return f"{option} {folder} exists and is not empty: give an empty or new folder."
+    blocking = next((parent for parent in folder.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        return f"{option} {folder} cannot be created: {blocking} is a file, not a folder."
+    return None
+
+
 def _writing_folder(output_dir: Path) -> Path:
     """
     A new hidden folder beside `output_dir`, where the converted model is written before it is renamed to
     `output_dir`; made before any work, so that a place that cannot be written to is reported at once.
     """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OfficialCheckpointError(f"--output {output_dir} is a file: give the path of a new folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        raise OfficialCheckpointError(f"--output {output_dir} exists and is not empty: choose another folder.")
-    blocking = next((parent for parent in output_dir.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise OfficialCheckpointError(f"--output {output_dir} cannot be created: {blocking} is a file, not a folder.")
+    problem = new_folder_problem(output_dir, "--output")
+    if problem:
+        raise OfficialCheckpointError(problem)
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=".converting-", dir=output_dir.parent))

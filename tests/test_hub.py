@@ -491,7 +491,7 @@ def test_staging_dir_must_be_an_empty_writable_folder(trained_checkpoint, tmp_pa
     code, error = _run_main([str(trained_checkpoint), "--repo-id", "a/b", "--dry-run", "--staging-dir", str(a_file)], capsys)
     assert code == 2 and f"--staging-dir {a_file} is a file" in error
     code, error = _run_main([str(trained_checkpoint), "--repo-id", "a/b", "--dry-run", "--staging-dir", str(a_file / "staged")], capsys)
-    assert code == 2 and f"Cannot create --staging-dir {a_file / 'staged'}: {a_file} is a file, not a folder" in error
+    assert code == 2 and f"--staging-dir {a_file / 'staged'} cannot be created: {a_file} is a file, not a folder" in error
     # a place nobody may write to, root included (/sys on Linux; a read-only system volume elsewhere)
     code, error = _run_main([str(trained_checkpoint), "--repo-id", "a/b", "--dry-run", "--staging-dir", "/sys/rat-staging"], capsys)
     assert code == 2 and "Cannot create --staging-dir /sys/rat-staging" in error

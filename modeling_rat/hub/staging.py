@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..convert_official import OfficialCheckpointError, convert_official_checkpoint
+from ..convert_official import OfficialCheckpointError, convert_official_checkpoint, new_folder_problem
 from ..modeling_rat import RatForCausalLM
 from . import HubUploadError
 
@@ -113,13 +113,9 @@ def load_tokenizer(name_or_path, model):
 def prepare_staging_dir(staging_dir) -> Path:
     """`staging_dir`, created if needed; it must be an empty folder this process can write to."""
     staging_dir = Path(staging_dir)
-    if staging_dir.exists() and not staging_dir.is_dir():
-        raise HubUploadError(f"--staging-dir {staging_dir} is a file: give the path of an empty or new folder.")
-    if staging_dir.is_dir() and any(staging_dir.iterdir()):
-        raise HubUploadError(f"--staging-dir {staging_dir} is not empty: give an empty or new folder, so that no stray file gets uploaded.")
-    blocking = next((parent for parent in staging_dir.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise HubUploadError(f"Cannot create --staging-dir {staging_dir}: {blocking} is a file, not a folder.")
+    problem = new_folder_problem(staging_dir, "--staging-dir")
+    if problem:  # an empty folder: no stray file gets uploaded
+        raise HubUploadError(problem)
     try:
         staging_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
