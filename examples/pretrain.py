@@ -40,7 +40,7 @@ from transformers import (  # noqa: E402
 )
 
 from modeling_rat import RatConfig, RatForCausalLM  # noqa: E402
-from configuration_rat.configuration_rat import PAPER_LAYER_PATTERNS, PRESET_SIZES  # noqa: E402
+from configuration_rat import PAPER_LAYER_PATTERNS, PRESET_SIZES  # noqa: E402
 from modeling_rat.training_rat import check_columns, check_not_empty, ensure_pad_token, train_byte_level_bpe  # noqa: E402
 
 
