@@ -78,14 +78,14 @@ def test_past_key_values_argument_is_deprecated(model_class):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.export cannot trace data-dependent Python branches of the sequence layout "
-    "(`bool(key_valid.all())` in RatSequenceLayout.build and what follows it)",
-)
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static-shapes", "dynamic-shapes"])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_torch_export_of_the_forward_matches_eager(pattern, dynamic):
+def test_torch_export_of_the_forward_matches_eager(pattern, dynamic, request):
+    if dynamic and pattern != "rnn":
+        request.applymarker(pytest.mark.xfail(
+            strict=True,
+            reason="with dynamic shapes, torch.export still meets data-dependent branches in the RAT layers' path",
+        ))
     model = tiny_model(LAYER_PATTERNS[pattern])
     inputs = {"input_ids": random_ids(3, 7), "attention_mask": right_padded_mask(3, 7), "use_cache": False}
     dynamic_shapes = None
