@@ -347,18 +347,28 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
         return torch.where(starts_chunk, torch.zeros((), device=self.running_state.device), self.running_state)
 
     def _store_summaries(self, rows, new_tokens, key_summaries, value_summaries):
-        """Keep the summaries of the chunks the new tokens completed, at slot (row, chunk index)."""
+        """
+        Keep the summaries of the chunks the new tokens completed, at slot (row, chunk index). Shapes depend only on the
+        input's (no host sync; torch.export): every grid chunk writes, those the tokens did not complete repeat the
+        row's last completed one (the same value to the same slot), and a row that completed none writes back a slot's
+        own value.
+        """
+        capacity = self.keys.shape[2]
+        if capacity == 0:
+            return
         first_chunk = torch.div(self.num_tokens[rows], self.chunk_size, rounding_mode="floor")
         completed = torch.div(self.num_tokens[rows] + new_tokens, self.chunk_size, rounding_mode="floor") - first_chunk
-        most_completed = int(completed.max()) if completed.numel() else 0
-        if most_completed > 0:
-            chunks = torch.arange(most_completed, device=rows.device)
-            take = chunks[None, :] < completed[:, None]
-            sequence = torch.arange(rows.shape[0], device=rows.device)[:, None].expand(-1, most_completed)[take]
-            chunk = chunks[None, :].expand(rows.shape[0], -1)[take]
-            self._write_summaries(
-                rows[sequence], first_chunk[sequence] + chunk, key_summaries[sequence, chunk], value_summaries[sequence, chunk]
-            )
+        grid_chunks = torch.arange(key_summaries.shape[1], device=rows.device)
+        chunk = torch.minimum(grid_chunks[None, :], (completed - 1).clamp(min=0)[:, None])  # (N, C)
+        slot = (first_chunk[:, None] + chunk).clamp(max=capacity - 1)
+        row = rows[:, None].expand_as(slot)
+        completes_any = (completed > 0)[:, None, None, None]
+        gather_index = chunk[:, :, None, None].expand(-1, -1, *key_summaries.shape[2:])
+        self._write_summaries(
+            row, slot,
+            torch.where(completes_any, key_summaries.gather(1, gather_index).to(self.keys.dtype), self.keys[row, :, slot]),
+            torch.where(completes_any, value_summaries.gather(1, gather_index).to(self.values.dtype), self.values[row, :, slot]),
+        )
 
     def _store_token_summary(self, valid, key_summary, value_summary):
         """Keep the token's summaries where it completes its row's chunk (fixed shapes: compiled decoding)."""
@@ -386,7 +396,7 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
             self.values = torch.cat([self.values, pad], dim=2)
 
     def _write_summaries(self, rows, slots, key_summaries, value_summaries):
-        """Store chunk summaries (n, H, d) at (rows[i], :, slots[i]), in place."""
+        """Store chunk summaries (..., H, d) at (rows, :, slots), index tensors of one shape, in place."""
         self.keys[rows, :, slots] = key_summaries.detach().to(self.keys.dtype)
         self.values[rows, :, slots] = value_summaries.detach().to(self.values.dtype)
 

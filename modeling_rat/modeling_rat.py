@@ -14,6 +14,7 @@ computations), `rat_triton.py` (GPU kernels), `cache_rat.py` (the cache layers, 
 are copied next to saved weights, so that `trust_remote_code=True` loading needs no install.
 """
 
+import functools
 import math
 from dataclasses import fields
 from pathlib import Path
@@ -28,6 +29,8 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .cache_rat import (
     RatChunkCacheLayer,
@@ -49,6 +52,26 @@ logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`.
 CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def accepts_past_key_values(forward):
+    """
+    The forwards take the cache as `cache` and accept the name transformers used before 5.24, `past_key_values`: with
+    5.24's deprecation warning (as its own models give), or silently before 5.24, where it is the name that generate()
+    and the generic task heads pass.
+    """
+    if CACHE_FIELD == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def forward_taking_past_key_values(self, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            if kwargs.get("cache") is not None:
+                raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
+            kwargs["cache"] = past_key_values
+        return forward(self, *args, **kwargs)
+
+    return forward_taking_past_key_values
 
 
 # ========================================================================================================= blocks
@@ -325,7 +348,10 @@ class RatAttention(nn.Module):
             key, value = cache_layer.update(key, value)
             total = layout.cached_columns + seq_len  # columns the cache holds now
             returned = key.shape[2]
-            key_columns = max(total - returned, 0) + torch.arange(returned, device=key.device)
+            # The returned keys are the last columns the cache holds (a static layer returns all its slots).
+            first_column = total - returned
+            first_column = first_column.clamp(min=0) if torch.is_tensor(first_column) else max(first_column, 0)
+            key_columns = first_column + torch.arange(returned, device=key.device)
             mask = layout.attention_mask_for(key_columns, self.sliding_window)
         long_window_prefill = (
             self.sliding_window is not None and layout.columns_are_positions and key.shape[2] == seq_len and seq_len > 2 * self.sliding_window
@@ -347,7 +373,9 @@ class RatAttention(nn.Module):
                 f"Layer {self.layer_idx} is a {kind} attention layer but its cache layer is a "
                 f"{type(cache_layer).__name__}: the cache belongs to another model. Let the model create its cache."
             )
-        if not cache_layer.is_compileable and int(cache_layer.get_seq_length()) != cached_columns:
+        # A host-side check, skipped while tracing: torch.export rebuilds transformers' sliding-window layers from the
+        # tensors they keep, and their count is then only the window.
+        if not torch.compiler.is_compiling() and not cache_layer.is_compileable and int(cache_layer.get_seq_length()) != cached_columns:
             raise ValueError(
                 f"The cache layers disagree: layer {self.layer_idx} holds {int(cache_layer.get_seq_length())} tokens, "
                 f"the cache {cached_columns}. Was the cache modified by hand? Start from a new cache."
@@ -372,6 +400,11 @@ MIXER_CLASSES = {
     "full_attention": RatAttention,
     "sliding_attention": RatAttention,
 }
+
+
+def covers_static_cache(attention_mask: torch.Tensor, cache: Cache) -> bool:
+    """Whether a 2-D mask spans the whole length of a preallocated (static) cache (see `create_masks_for_generate`)."""
+    return bool(cache.is_compileable) and attention_mask.shape[1] == cache.get_max_length()
 
 
 class RatDecoderLayer(GradientCheckpointingLayer):
@@ -402,6 +435,7 @@ class RatPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _is_stateful = False  # the cache rolls back exactly (see cache_rat.py), so assisted decoding works
+    _can_compile_fullgraph = True  # with a static cache, a decode step compiles without graph breaks, once
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -472,6 +506,8 @@ class RatModel(RatPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @accepts_past_key_values
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -482,18 +518,13 @@ class RatModel(RatPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """A `BaseModelOutputWithPast`, or its tuple with `return_dict=False` (or `config.return_dict=False`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if output_attentions:
             raise ValueError("RAT models do not return attention weights (RAT layers attend to chunk summaries).")
-        if cache is None:
-            cache = past_key_values
-        elif past_key_values is not None:
-            raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache is not None):
@@ -514,6 +545,16 @@ class RatModel(RatPreTrainedModel):
 
         if cache is None:
             cached_columns = 0
+        elif attention_mask is not None and attention_mask.dim() == 2 and covers_static_cache(attention_mask, cache):
+            # Compiled decoding (see `create_masks_for_generate`): the count of cached tokens stays a tensor, so that
+            # every step runs the same graph (a copy: the cache layers update theirs in place during this forward).
+            # Eager calls read it and drop the mask's columns after the new tokens.
+            cached_columns = cache.get_seq_length()
+            if torch.compiler.is_compiling() and torch.is_tensor(cached_columns):
+                cached_columns = cached_columns.clone()
+            else:
+                cached_columns = int(cached_columns)
+                attention_mask = attention_mask[:, : cached_columns + seq_len]
         elif attention_mask is not None and attention_mask.dim() == 2:  # no device sync (compiled decoding)
             cached_columns = attention_mask.shape[1] - seq_len
             if not torch.compiler.is_compiling() and cached_columns != int(cache.get_seq_length()):
@@ -586,11 +627,31 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @accepts_past_key_values
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache=None, **kwargs):
+        """
+        The mask generate() passes to the forward when the cache is preallocated (static, for compiled decoding).
+        transformers' mask builders do not know RAT's layer types and would hand over the 2-D padding mask, one column
+        longer at every token, so that a compiled decode step would be compiled again for each. Here the padding mask is
+        widened with zeros to the whole length of the cache: the same shape at every step (the forward takes the number
+        of cached tokens from the cache).
+        """
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            columns = int(cache.get_seq_length()) + seq_len
+            attention_mask = torch.ones(batch_size, columns, dtype=torch.long, device=inputs_embeds.device)
+        missing = cache.get_max_length() - attention_mask.shape[1]
+        if missing < 0:  # more tokens than the cache holds: the forward says so
+            return attention_mask
+        return F.pad(attention_mask, (0, missing))
+
     def set_rat_implementation(self, implementation: str):
         """Choose how RAT layers run: "auto", "fast", "reference" or "triton" (see `RatConfig`)."""
         self.config.rat_implementation = implementation
         self.config._check_rat_arguments(self.config.head_dim)
 
+    @accepts_past_key_values
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -602,20 +663,20 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """A `CausalLMOutputWithPast`, or its tuple with `return_dict=False` (or `config.return_dict=False`)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -627,15 +688,12 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss_kwargs = {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index", "shift_labels")}
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        output = CausalLMOutputWithPast(
+        return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
-        if return_dict is False:
-            return output.to_tuple()
-        return output
 
 
 __all__ = ["RatPreTrainedModel", "RatModel", "RatForCausalLM", "cache_nbytes"]

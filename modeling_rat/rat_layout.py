@@ -16,6 +16,12 @@ Three arrangements, from cheapest to most general:
 import torch
 
 
+# While tracing (torch.compile, torch.export), grids get at least this many chunks: PyTorch's shape tracing treats a
+# dimension of size 0 or 1 as a special case, so a grid of one or two chunks (one key summary) would tie an export with
+# dynamic lengths to lengths long enough to avoid them. Empty chunks leave every result unchanged.
+TRACED_MIN_CHUNKS = 3
+
+
 class RatSequenceLayout:
     """
     Where every token of a batch sits.
@@ -24,7 +30,8 @@ class RatSequenceLayout:
     * `positions` (B, T): position of each token inside its own sequence (padding and earlier packed sequences do
       not count; 0 for padding). Given `position_ids` win; otherwise they are derived from the mask (cumsum - 1),
       continuing what the cache holds, as `generate()` does.
-    * `cached_columns`: tokens the cache holds per row, padding included; `cached_tokens` (B,): real tokens it holds.
+    * `cached_columns`: tokens the cache holds per row, padding included (a 0-d tensor in compiled decoding with a
+      static cache, whose mask then spans the whole cache); `cached_tokens` (B,): real tokens it holds.
     * `key_valid`, `key_positions` (B, cached_columns + T): validity and position of every column an attention layer
       may attend to (`key_valid` is None without a mask).
     * `columns_are_positions`: one sequence per row, from position 0 in column 0, no padding, empty cache: layers
@@ -46,7 +53,8 @@ class RatSequenceLayout:
 
     @classmethod
     def build(cls, batch_size, seq_len, device, attention_mask=None, position_ids=None, cached_columns=0, cache_has_padding=False):
-        total = cached_columns + seq_len
+        # In compiled decoding `cached_columns` is a 0-d tensor and the mask spans the whole static cache.
+        total = attention_mask.shape[-1] if torch.is_tensor(cached_columns) else cached_columns + seq_len
         checking = not torch.compiler.is_compiling()  # value checks read the device; compiled code skips them
         key_valid = None
         if attention_mask is not None:
@@ -57,10 +65,14 @@ class RatSequenceLayout:
                 "generate() does, so that padding stays out of the state."
             )
         if key_valid is not None:
-            valid = key_valid[:, cached_columns:]
+            # Indexed rather than sliced: `cached_columns` is a tensor in compiled decoding, where the mask spans the
+            # whole static cache (columns after the new tokens are zero).
+            columns = torch.arange(key_valid.shape[1], device=device)
+            new_columns = columns[:seq_len] + cached_columns
+            valid = key_valid[:, new_columns]
             key_positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
-            cached_tokens = key_valid[:, :cached_columns].sum(-1)
-            derived_positions = key_positions[:, cached_columns:]
+            cached_tokens = (key_valid & (columns < cached_columns)).sum(-1)
+            derived_positions = key_positions[:, new_columns]
         else:
             valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
             key_positions = torch.arange(total, device=device).unsqueeze(0).expand(batch_size, total)
@@ -74,12 +86,12 @@ class RatSequenceLayout:
             positions = _check_position_ids(position_ids, valid, batch_size, seq_len, device, checking)
             if checking or seq_len > 1:  # packing changes the result: detect it even while compiling (a graph break)
                 packed = _check_continuation(positions, valid, cached_tokens, cached_columns)
-            if cached_columns == 0 and key_valid is None:
+            if key_valid is None and cached_columns == 0:
                 key_positions = positions
         positions = torch.where(valid, positions, torch.zeros_like(positions))
         columns_are_positions = (
-            cached_columns == 0
-            and checking
+            checking
+            and cached_columns == 0
             and (key_valid is None or bool(key_valid.all()))
             and (position_ids is None or bool((positions == torch.arange(seq_len, device=device)).all()))
         )
@@ -265,7 +277,8 @@ class ChunkGrid:
             self.chunk_size = chunk_size
             # A sequence that may start inside a chunk spans one chunk more than its length alone needs.
             may_start_inside_chunk = not layout.columns_are_positions
-            self.num_chunks = max(1, -(-(longest + (chunk_size - 1 if may_start_inside_chunk else 0)) // chunk_size))
+            fewest_chunks = TRACED_MIN_CHUNKS if torch.compiler.is_compiling() else 1
+            self.num_chunks = max(fewest_chunks, -(-(longest + (chunk_size - 1 if may_start_inside_chunk else 0)) // chunk_size))
             self.first_chunk = torch.div(first_position, chunk_size, rounding_mode="floor")
             offset = self.first_chunk * chunk_size
         self.slots = self.num_chunks * self.chunk_size

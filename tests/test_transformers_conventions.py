@@ -2,7 +2,7 @@
 Conventions of transformers models that transformers' own common tests (`ModelTesterMixin`, `GenerationTesterMixin`,
 run against RAT by tests/transformers_suite) found RAT breaking, one small test per kind of failure.
 
-Each test is marked `xfail(strict=True)` until the model is fixed: the fix makes it pass, and the strict mark then
+A test marked `xfail(strict=True)` documents a failure not fixed yet: the fix makes it pass, and the strict mark then
 fails the run until it is removed.
 """
 
@@ -30,7 +30,6 @@ def right_padded_mask(batch_size, length):
 # ------------------------------------------------------------------------------------------------ return_dict
 
 
-@pytest.mark.xfail(strict=True, reason="RatModel.forward ignores `return_dict`: it always returns a ModelOutput")
 def test_base_model_returns_a_tuple_when_asked():
     config = tiny_config()
     torch.manual_seed(0)
@@ -43,7 +42,6 @@ def test_base_model_returns_a_tuple_when_asked():
     torch.testing.assert_close(as_tuple[0], as_dict.last_hidden_state)
 
 
-@pytest.mark.xfail(strict=True, reason="`config.return_dict=False` is ignored by RatModel and RatForCausalLM")
 @pytest.mark.parametrize("model_class", [RatModel, RatForCausalLM])
 def test_config_return_dict_false_gives_tuples(model_class):
     config = tiny_config(return_dict=False)
@@ -57,10 +55,12 @@ def test_config_return_dict_false_gives_tuples(model_class):
 # --------------------------------------------------------------------------------------- cache argument name
 
 
-@pytest.mark.skipif(CACHE_FIELD != "cache", reason="before transformers 5.24 the cache argument is `past_key_values`")
-@pytest.mark.xfail(strict=True, reason="`past_key_values=` is accepted without the deprecation warning of 5.24 models")
 @pytest.mark.parametrize("model_class", [RatModel, RatForCausalLM])
-def test_past_key_values_argument_is_deprecated(model_class):
+def test_past_key_values_argument_follows_the_transformers_version(model_class):
+    """
+    transformers 5.24 renamed the cache argument to `cache`: the old name `past_key_values` still works, with 5.24's
+    deprecation warning; before 5.24 it is the plain name (what generate() passes), without a warning.
+    """
     config = tiny_config()
     torch.manual_seed(0)
     model = model_class(config).eval()
@@ -68,10 +68,12 @@ def test_past_key_values_argument_is_deprecated(model_class):
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         old_name = model(ids, past_key_values=DynamicCache(config=config), use_cache=True)
-    assert any("`past_key_values` is deprecated" in str(warning.message) for warning in caught)
+    deprecated = any("`past_key_values` is deprecated" in str(warning.message) for warning in caught)
+    assert deprecated == (CACHE_FIELD == "cache")
     with torch.no_grad():
         new_name = model(ids, cache=DynamicCache(config=config), use_cache=True)
     torch.testing.assert_close(old_name[0], new_name[0])
+    assert getattr(old_name, CACHE_FIELD).get_seq_length() == 7
 
 
 # ------------------------------------------------------------------------------------------------ torch.export
@@ -80,12 +82,7 @@ def test_past_key_values_argument_is_deprecated(model_class):
 @pytest.mark.slow
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static-shapes", "dynamic-shapes"])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_torch_export_of_the_forward_matches_eager(pattern, dynamic, request):
-    if dynamic and pattern != "rnn":
-        request.applymarker(pytest.mark.xfail(
-            strict=True,
-            reason="with dynamic shapes, torch.export still meets data-dependent branches in the RAT layers' path",
-        ))
+def test_torch_export_of_the_forward_matches_eager(pattern, dynamic):
     model = tiny_model(LAYER_PATTERNS[pattern])
     inputs = {"input_ids": random_ids(3, 7), "attention_mask": right_padded_mask(3, 7), "use_cache": False}
     dynamic_shapes = None
@@ -96,10 +93,11 @@ def test_torch_export_of_the_forward_matches_eager(pattern, dynamic, request):
         }
     program = torch.export.export(model, (), kwargs=inputs, dynamic_shapes=dynamic_shapes, strict=False)
     checks = [inputs]
-    if dynamic:  # another batch size and length than the traced ones, left padding this time
-        mask = torch.ones(2, 11, dtype=torch.long)
-        mask[1, :4] = 0
-        checks.append({"input_ids": random_ids(2, 11, seed=5), "attention_mask": mask, "use_cache": False})
+    if dynamic:  # other batch sizes and lengths than the traced ones (a single chunk among them), left padding
+        for batch_size, length in ((2, 11), (1, 2)):
+            mask = torch.ones(batch_size, length, dtype=torch.long)
+            mask[-1, : length // 3] = 0
+            checks.append({"input_ids": random_ids(batch_size, length, seed=5), "attention_mask": mask, "use_cache": False})
     for check in checks:
         with torch.no_grad():
             expected = model(**check).logits
@@ -108,11 +106,22 @@ def test_torch_export_of_the_forward_matches_eager(pattern, dynamic, request):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="under torch.export the cache is rebuilt from its tensors and transformers' sliding-window layer then "
-    "reports only the window it keeps; RatAttention._check_cache_layer takes that for a foreign cache",
-)
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static-shapes", "dynamic-shapes"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_torch_export_of_the_forward_that_fills_a_new_cache(pattern, dynamic):
+    """As transformers' exporter runs a forward: `use_cache` left to the config, so that the forward fills a new cache."""
+    from transformers.exporters.exporter_dynamo import DynamoConfig, DynamoExporter
+
+    model = tiny_model(LAYER_PATTERNS[pattern])
+    inputs = {"input_ids": random_ids(3, 7), "attention_mask": right_padded_mask(3, 7)}
+    with torch.no_grad():
+        expected = model(**copy.deepcopy(inputs))
+        exported = DynamoExporter().export(model, copy.deepcopy(inputs), config=DynamoConfig(dynamic=dynamic))
+        outputs = exported(**copy.deepcopy(inputs))
+    torch.testing.assert_close(outputs["logits"], expected.logits)
+
+
+@pytest.mark.slow
 def test_torch_export_of_a_decode_step_with_a_sliding_window_layer():
     from transformers.exporters.exporter_dynamo import DynamoConfig, DynamoExporter
 
@@ -130,36 +139,51 @@ def test_torch_export_of_a_decode_step_with_a_sliding_window_layer():
 # --------------------------------------------------------------------------------------------- torch.compile
 
 
-@pytest.mark.xfail(strict=True, reason="RatForCausalLM does not declare `_can_compile_fullgraph`")
 def test_declares_that_it_compiles_without_graph_breaks():
     assert RatForCausalLM._can_compile_fullgraph
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="with a static cache the compiled decode step recompiles at every token: generate() passes RAT the 2-D "
-    "attention mask, one column longer each step, and transformers builds no fixed-size mask for RAT's layer types",
-)
-def test_compiled_decode_step_compiles_once():
-    model = tiny_model(LAYER_PATTERNS["rat"])
-    ids = random_ids(2, 7)
-    mask = torch.ones_like(ids)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_compiled_decode_step_compiles_once(pattern):
+    """
+    generate() with a static cache compiles the decode step without graph breaks (fullgraph, static shapes, as
+    transformers' test_generate_compile_model_forward_fullgraph runs it), once for every token and every later call
+    with the same shapes, padded rows included, and gives what eager decoding gives. (transformers' static
+    sliding-window layer counts its tokens in Python, so patterns with sliding layers recompile by design.)
+    """
+    model = tiny_model(LAYER_PATTERNS[pattern])
+    prompts = [random_ids(2, 7, seed=seed) for seed in (1, 2)]
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0  # a left-padded row
     with torch.no_grad():
-        expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    compile_config = CompileConfig(fullgraph=True, dynamic=False)  # as transformers' fullgraph test compiles
+        expected = [model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False) for ids in prompts]
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs, **options):  # runs the graphs as they are, without codegen
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    # generate() deep-copies the compile config: a function (unlike an object with a counter) stays the same
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, backend=counting_backend)
     compile_config._compile_all_devices = True  # compile on the CPU too
     torch.compiler.reset()
     try:
-        with torch.compiler.set_stance("fail_on_recompile"), torch.no_grad():
-            compiled = model.generate(
-                ids, attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static",
-                compile_config=compile_config,
-            )
+        with torch.no_grad():
+            compiled = [
+                model.generate(
+                    ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                    compile_config=compile_config,
+                )
+                for ids in prompts
+            ]
     finally:
         torch.compiler.reset()
     assert hasattr(model, "_compiled_call"), "generate() did not compile the decode step"
-    torch.testing.assert_close(compiled, expected)
+    if "sliding" not in pattern:
+        assert len(graphs) == 1, f"the decode step was compiled {len(graphs)} times"
+    for compiled_tokens, expected_tokens in zip(compiled, expected):
+        torch.testing.assert_close(compiled_tokens, expected_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- position ids

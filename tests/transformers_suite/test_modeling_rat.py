@@ -129,7 +129,9 @@ class RatCommonTests(ModelTesterMixin, GenerationTesterMixin):
             hidden_size=config.hidden_size,
             num_attention_heads=config.num_attention_heads,
             num_hidden_layers=config.num_hidden_layers,
-            layer_types=config.layer_types,
+            # config.json stores `layer_types` as `rat_layer_types` (see RatConfig.to_dict), the name ConfigTester then
+            # finds in the saved JSON; RatConfig takes both names.
+            rat_layer_types=config.layer_types,
             sliding_window=config.sliding_window,
         )
         # The mixins recognise base models and language-model heads (to give them labels, or to expect no loss) by
