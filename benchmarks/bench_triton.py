@@ -525,7 +525,7 @@ def main(argv=None):
     config = RatConfig(
         hidden_size=args.hidden_size, num_attention_heads=args.num_heads, num_qk_groups=args.num_qk_groups,
         chunk_size=args.chunk_size, num_hidden_layers=1, layer_types=["rat"], vocab_size=256,
-        max_position_embeddings=max(args.seq_lens), initializer_range=0.02,
+        initializer_range=0.02,
     )
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()})"
     peak_tflops, peak_bandwidth = gpu_peaks(name) if gpu else (None, None)

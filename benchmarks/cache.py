@@ -90,8 +90,7 @@ def formula_bytes(config: RatConfig, context: int, element_size: int) -> int:
 
 
 def build(name: str, settings: CacheSettings, options: RunOptions) -> RatForCausalLM:
-    config = settings.config(name, rat_implementation=options.rat_implementation,
-                             max_position_embeddings=max(settings.contexts))
+    config = settings.config(name, rat_implementation=options.rat_implementation)
     torch.manual_seed(options.seed)
     with torch.device(options.torch_device):
         model = RatForCausalLM(config)

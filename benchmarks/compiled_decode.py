@@ -37,7 +37,7 @@ def build(hidden_size: int, num_layers: int, layer_type: str, context: int, step
     torch.manual_seed(0)
     config = RatConfig(vocab_size=2048, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
                        num_hidden_layers=num_layers, num_attention_heads=8, chunk_size=16,
-                       layer_types=[layer_type] * num_layers, max_position_embeddings=context + steps + 1)
+                       layer_types=[layer_type] * num_layers)
     return RatForCausalLM(config).eval()
 
 

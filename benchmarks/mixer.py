@@ -69,7 +69,6 @@ def build_mixer(settings: MixerSettings, kind: str, options: RunOptions, dtype=N
         num_qk_groups=settings.num_qk_groups,
         chunk_size=settings.chunk_size,
         layer_types=["rat" if kind == "rat" else "full_attention"],
-        max_position_embeddings=max([*settings.lengths, settings.check_length]),
         rat_implementation=implementation or options.rat_implementation,
     )
     torch.manual_seed(options.seed)

@@ -93,7 +93,7 @@ def build_model(architecture: Architecture, name: str, options: RunOptions, max_
         config = RatConfig(
             vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=4 * arch.hidden_size,
             num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads, num_qk_groups=arch.num_qk_groups,
-            chunk_size=arch.chunk_size, layer_types=layer_types, max_position_embeddings=max_positions,
+            chunk_size=arch.chunk_size, layer_types=layer_types,
             sliding_window=arch.sliding_window if "sliding_attention" in layer_types else None, pad_token_id=0,
             rat_implementation=implementation or options.rat_implementation,
         )

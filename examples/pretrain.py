@@ -197,7 +197,7 @@ def build_config(args, tokenizer) -> RatConfig:
         vocab_size=len(tokenizer),
         chunk_size=args.chunk_size,
         num_qk_groups=args.num_qk_groups,
-        max_position_embeddings=args.block_size,
+        rnn_forget_gate_init_length=args.block_size,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

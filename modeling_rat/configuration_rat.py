@@ -92,9 +92,12 @@ class RatConfig(PretrainedConfig):
         sliding_window (`int`, *optional*): number of tokens a sliding-window attention query sees, itself included
             (the Hugging Face convention). The official code's `window_size=W` corresponds to `sliding_window=W + 1`.
             Required when `layer_types` contains `"sliding_attention"`.
-        max_position_embeddings (`int`, defaults to 2048): training context length. Rotary embeddings do not limit
-            the length; this value sets the rnn layers' forget-gate initialisation, `log(U(1, max_position_embeddings
-            - 1))`, as in the official code.
+        rnn_forget_gate_init_length (`int`, defaults to 2048): the rnn layers' forget-gate bias is initialised as
+            `log(U(1, rnn_forget_gate_init_length - 1))`, from the training context length, as in the official code
+            (its `max_length`). Nothing else uses it: RAT models have no position limit (rotary angles grow with the
+            chunk or token index), so the config has no `max_position_embeddings`, which transformers would take for
+            one (it caps and warns about generation lengths). The key `max_position_embeddings` of older config.json
+            files is read as this field.
         rope_theta (`float`, defaults to 10000.0): rotary base.
         rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
         hidden_act (`str`, defaults to `"gelu"`): MLP activation, a name of transformers' `ACT2FN` (the paper's
@@ -122,7 +125,7 @@ class RatConfig(PretrainedConfig):
         chunk_size: int = 16,
         layer_types: list[str] | None = None,
         sliding_window: int | None = None,
-        max_position_embeddings: int = 2048,
+        rnn_forget_gate_init_length: int | None = None,
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
         hidden_act: str = "gelu",
@@ -136,6 +139,9 @@ class RatConfig(PretrainedConfig):
         rat_layer_types: list[str] | None = None,
         **kwargs,
     ):
+        rnn_forget_gate_init_length = _renamed_argument(
+            "rnn_forget_gate_init_length", rnn_forget_gate_init_length, "max_position_embeddings", kwargs, default=2048
+        )
         if rat_layer_types is not None:  # the name `layer_types` is stored under in config.json (see `to_dict`)
             if layer_types is not None and list(layer_types) != list(rat_layer_types):
                 raise ValueError(
@@ -162,7 +168,7 @@ class RatConfig(PretrainedConfig):
         self.num_qk_groups = num_qk_groups
         self.chunk_size = chunk_size
         self.sliding_window = sliding_window
-        self.max_position_embeddings = max_position_embeddings
+        self.rnn_forget_gate_init_length = rnn_forget_gate_init_length
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
         self.hidden_act = hidden_act
@@ -191,7 +197,7 @@ class RatConfig(PretrainedConfig):
         `head_dim` derives from that were not given (a config.json lacking them), named when `head_dim` disagrees.
         """
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_qk_groups", "max_position_embeddings"):
+                     "num_qk_groups", "rnn_forget_gate_init_length"):
             value = getattr(self, name)
             if not _is_integer(value) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -325,6 +331,20 @@ class RatConfig(PretrainedConfig):
             pattern = PAPER_LAYER_PATTERNS[model]
             arguments["layer_types"] = [pattern(i) for i in range(arguments["num_hidden_layers"])]
         return cls(**arguments)
+
+def _renamed_argument(name: str, value, old_name: str, kwargs: dict, default):
+    """The value of argument `name`, also accepted under its former name `old_name` (popped from `kwargs`)."""
+    old_value = kwargs.pop(old_name, None)
+    if old_value is not None and value is not None and old_value != value:
+        raise ValueError(
+            f"`{name}` ({value}) and `{old_name}` ({old_value}) disagree: `{old_name}` is the former name of `{name}`; "
+            f"give one of them."
+        )
+    for candidate in (value, old_value):
+        if candidate is not None:
+            return candidate
+    return default
+
 
 def _is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

@@ -93,8 +93,8 @@ def load_official_checkpoint(checkpoint) -> tuple[dict, dict | None]:
 def read_training_config(training_config: dict) -> dict:
     """
     The architecture an official training config states (the resolved hydra config the trainer saves): `layer_types`,
-    `num_heads`, `num_qk_groups`, `chunk_size`, `window` (official window_size), `max_position_embeddings` (the training
-    length), `rope_theta`; and `hidden_size`, `num_layers`, `vocab_size`, `intermediate_size`, `tie_word_embeddings`
+    `num_heads`, `num_qk_groups`, `chunk_size`, `window` (official window_size), `rnn_forget_gate_init_length` (the
+    training length), `rope_theta`; and `hidden_size`, `num_layers`, `vocab_size`, `intermediate_size`, `tie_word_embeddings`
     to check against the weights. Only what the config states is returned.
     """
     try:
@@ -129,7 +129,7 @@ def read_training_config(training_config: dict) -> dict:
             stated["intermediate_size"] = hidden_cell["d_ffn"]
         data = training_config.get("data") or {}
         if data.get("seq_len") is not None:
-            stated["max_position_embeddings"] = data["seq_len"]
+            stated["rnn_forget_gate_init_length"] = data["seq_len"]
         if data.get("vocab_size") is not None:
             stated["vocab_size"] = data["vocab_size"]
         base = ((training_config.get("model") or {}).get("embedding") or {}).get("pe", {}).get("base")
@@ -325,7 +325,7 @@ def official_to_rat(
         problems.append("the training config ties the LM head to the embedding, but 'head.lm_head.weight' differs from it")
     if problems:
         raise OfficialCheckpointError("The checkpoint cannot be converted:\n  - " + "\n  - ".join(problems))
-    for name in ("max_position_embeddings", "rope_theta"):
+    for name in ("rnn_forget_gate_init_length", "rope_theta"):
         if name in stated:
             config_overrides.setdefault(name, stated[name])
     try:
@@ -522,7 +522,7 @@ def convert_official_checkpoint(
     return model
 
 
-CONFIG_OVERRIDE_ARGUMENTS = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+CONFIG_OVERRIDE_ARGUMENTS = ("bos_token_id", "eos_token_id", "pad_token_id", "rnn_forget_gate_init_length")
 
 
 def add_conversion_arguments(parser: argparse.ArgumentParser):
@@ -541,7 +541,11 @@ def add_conversion_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--bos-token-id", type=int, help="beginning-of-sequence id (1 for the Llama-2 tokenizer)")
     parser.add_argument("--eos-token-id", type=int, help="end-of-sequence id (2 for the Llama-2 tokenizer)")
     parser.add_argument("--pad-token-id", type=int, help="padding id (none by default)")
-    parser.add_argument("--max-position-embeddings", type=int, help="training context length (default: from the training config, else 2048)")
+    parser.add_argument(
+        "--rnn-forget-gate-init-length", "--max-position-embeddings", type=int, dest="rnn_forget_gate_init_length",
+        help="training context length, which sets the rnn layers' forget-gate initialisation (default: from the training "
+        "config, else 2048; --max-position-embeddings is its former name)",
+    )
 
 
 def conversion_options(args: argparse.Namespace) -> dict:

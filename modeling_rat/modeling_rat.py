@@ -480,7 +480,7 @@ class RatPreTrainedModel(PreTrainedModel):
             if isinstance(module, RatMixer):
                 upper = max(self.config.chunk_size - 1, 2)
             else:
-                upper = max(self.config.max_position_embeddings - 1, 2)
+                upper = max(self.config.rnn_forget_gate_init_length - 1, 2)
             bias = torch.empty_like(module.forget_gate_bias, dtype=torch.float32).uniform_(1.0, float(upper)).log_()
             if hasattr(init, "copy_"):
                 init.copy_(module.forget_gate_bias, bias.to(module.forget_gate_bias.dtype))

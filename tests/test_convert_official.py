@@ -283,7 +283,7 @@ def test_the_training_config_of_a_checkpoint_gives_the_architecture(path, tmp_pa
     assert f"(training config: {', '.join(dict.fromkeys(_converted_types(pattern)))})" in output.out
     assert f"heads: {arch['num_head']} of size {arch['d_head']} (training config); key/query groups: {arch['ngroups']} (training config" in output.out
     model = RatForCausalLM.from_pretrained(tmp_path / "converted")
-    assert model.config.max_position_embeddings == 4096  # the training length
+    assert model.config.rnn_forget_gate_init_length == 4096  # the training length
     if pattern == "rat-swa":
         assert model.config.sliding_window == arch["window"] + 1
     with torch.no_grad():

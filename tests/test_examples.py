@@ -72,7 +72,7 @@ def test_pretrain_on_a_dataset_saves_a_remote_code_checkpoint(pretrained):
     config = json.loads((output / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_rat.RatForCausalLM"
     assert config["sliding_window"] == 8, "default window: block size / 4"
-    assert config["max_position_embeddings"] == 32
+    assert config["rnn_forget_gate_init_length"] == 32 and "max_position_embeddings" not in config
     tokenizer = AutoTokenizer.from_pretrained(output)
     assert config["vocab_size"] == len(tokenizer) and config["pad_token_id"] == tokenizer.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)

@@ -1,6 +1,7 @@
 """
-Conventions of transformers models that transformers' own common tests (`ModelTesterMixin`, `GenerationTesterMixin`,
-run against RAT by tests/transformers_suite) found RAT breaking, one small test per kind of failure.
+Conventions of transformers models that RAT once broke, most of them found by transformers' own common tests
+(`ModelTesterMixin`, `GenerationTesterMixin`, run against RAT by tests/transformers_suite): one small test per kind of
+failure.
 
 A test marked `xfail(strict=True)` documents a failure not fixed yet: the fix makes it pass, and the strict mark then
 fails the run until it is removed.
@@ -13,9 +14,11 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation import CompileConfig
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from conftest import LAYER_PATTERNS, random_ids, tiny_config, tiny_model
-from modeling_rat import RatForCausalLM, RatModel
+from modeling_rat import RatConfig, RatForCausalLM, RatModel
 from modeling_rat.modeling_rat import CACHE_FIELD
 
 
@@ -184,6 +187,34 @@ def test_compiled_decode_step_compiles_once(pattern):
         assert len(graphs) == 1, f"the decode step was compiled {len(graphs)} times"
     for compiled_tokens, expected_tokens in zip(compiled, expected):
         torch.testing.assert_close(compiled_tokens, expected_tokens)
+
+
+# ---------------------------------------------------------------------------------------------- position limit
+
+
+def test_generation_length_has_no_position_limit():
+    """
+    transformers caps generate()'s default length by `config.max_position_embeddings` and warns once a generation
+    exceeds it. RAT models have no position limit: their config has no such field, and the key of older config.json
+    files (the length the rnn forget gates are initialised for) is read as `rnn_forget_gate_init_length`.
+    """
+    older_config = tiny_config(LAYER_PATTERNS["rat+sliding"]).to_dict()  # as in a config.json of an older version
+    older_config["max_position_embeddings"] = 16
+    del older_config["rnn_forget_gate_init_length"]
+    config = RatConfig.from_dict(older_config)
+    assert config.rnn_forget_gate_init_length == 16
+    assert not hasattr(config, "max_position_embeddings")
+    torch.manual_seed(0)
+    model = RatForCausalLM(config).eval()
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        default_length = model.generate(ids, do_sample=False, min_new_tokens=8)
+    assert default_length.shape[1] == 12 + 20  # generate()'s default: 20 new tokens, not capped at 16 in all
+    logger = logging.get_logger("transformers.generation.stopping_criteria")
+    with CaptureLogger(logger) as captured, torch.no_grad():
+        long_generation = model.generate(ids, do_sample=False, max_new_tokens=30, min_new_tokens=30)
+    assert long_generation.shape[1] == 42
+    assert "maximum length" not in captured.out
 
 
 # ---------------------------------------------------------------------------------------------- position ids

@@ -245,9 +245,14 @@ def _architecture_rows(model) -> list[str]:
         rows.append(
             f"| Sliding window | {config.sliding_window} tokens, the query included (official `window_size` {config.sliding_window - 1}) |"
         )
+    if "rnn" in layer_types:
+        rows.append(
+            f"| rnn forget gates | initialised for {config.rnn_forget_gate_init_length}-token sequences "
+            "(`rnn_forget_gate_init_length`) |"
+        )
     rows += [
         f"| Vocabulary | {config.vocab_size} |",
-        f"| Context length | {config.max_position_embeddings} tokens (`max_position_embeddings`; rotary positions do not cap it) |",
+        "| Context length | no limit (rotary angles follow the chunk or token index) |",
         f"| Weights | safetensors, {dtype} |",
     ]
     return rows

@@ -44,7 +44,7 @@ class RatModelTester:
         num_qk_groups=2,
         chunk_size=4,  # the 7-token prompts end inside their second chunk; generation crosses a chunk boundary
         sliding_window=4,  # shorter than the prompts, so that the window matters
-        max_position_embeddings=512,
+        rnn_forget_gate_init_length=512,
         initializer_range=0.02,
         pad_token_id=0,
         bos_token_id=1,
@@ -65,7 +65,7 @@ class RatModelTester:
         self.num_qk_groups = num_qk_groups
         self.chunk_size = chunk_size
         self.sliding_window = sliding_window
-        self.max_position_embeddings = max_position_embeddings
+        self.rnn_forget_gate_init_length = rnn_forget_gate_init_length
         self.initializer_range = initializer_range
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
@@ -82,7 +82,7 @@ class RatModelTester:
             chunk_size=self.chunk_size,
             layer_types=self.layer_types,
             sliding_window=self.sliding_window if "sliding_attention" in self.layer_types else None,
-            max_position_embeddings=self.max_position_embeddings,
+            rnn_forget_gate_init_length=self.rnn_forget_gate_init_length,
             initializer_range=self.initializer_range,
             pad_token_id=self.pad_token_id,
             bos_token_id=self.bos_token_id,
