@@ -12,7 +12,14 @@ import transformers
 from . import modeling_rat
 from .cache_rat import cache_nbytes
 from .configuration_rat import RAT_AUTO_CLASSES, RatConfig
-from .modeling_rat import RatForCausalLM, RatModel, RatPreTrainedModel
+from .modeling_rat import (
+    RatForCausalLM,
+    RatForQuestionAnswering,
+    RatForSequenceClassification,
+    RatForTokenClassification,
+    RatModel,
+    RatPreTrainedModel,
+)
 
 
 def _register_auto_classes():
@@ -26,4 +33,14 @@ def _register_auto_classes():
 
 _register_auto_classes()
 
-__all__ = ["RatConfig", "RatModel", "RatForCausalLM", "RatPreTrainedModel", "RAT_AUTO_CLASSES", "cache_nbytes"]
+__all__ = [
+    "RatConfig",
+    "RatModel",
+    "RatForCausalLM",
+    "RatForSequenceClassification",
+    "RatForTokenClassification",
+    "RatForQuestionAnswering",
+    "RatPreTrainedModel",
+    "RAT_AUTO_CLASSES",
+    "cache_nbytes",
+]

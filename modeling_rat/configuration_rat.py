@@ -52,6 +52,9 @@ RAT_IMPLEMENTATIONS = ("auto", "reference", "fast", "triton")
 RAT_AUTO_CLASSES = {
     "AutoModel": "RatModel",
     "AutoModelForCausalLM": "RatForCausalLM",
+    "AutoModelForSequenceClassification": "RatForSequenceClassification",
+    "AutoModelForTokenClassification": "RatForTokenClassification",
+    "AutoModelForQuestionAnswering": "RatForQuestionAnswering",
 }
 
 

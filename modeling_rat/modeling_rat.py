@@ -1,4 +1,4 @@
-"""PyTorch RAT model: `RatModel` and `RatForCausalLM`.
+"""PyTorch RAT model: `RatModel`, `RatForCausalLM` and task heads.
 
 Read top to bottom:
 
@@ -7,6 +7,8 @@ Read top to bottom:
    `RatRecurrentMixer` (the rnn layer), both on `RatGatedRecurrence`; `RatAttention` (full or sliding window).
 3. `RatDecoderLayer`: pre-norm residual block, mixer then MLP.
 4. `RatPreTrainedModel`, `RatModel`, `RatForCausalLM`.
+5. Task heads (transformers' generic heads): `RatForSequenceClassification`, `RatForTokenClassification`,
+   `RatForQuestionAnswering`.
 
 Beside this file: `rat_layout.py` (where each token of a batch sits: padding, packing, the grid of chunks),
 `rat_backends.py` (the table of ways RAT layers compute: reference, fast PyTorch, Triton), `rat_ops.py` (the PyTorch
@@ -26,8 +28,13 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
@@ -696,4 +703,100 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["RatPreTrainedModel", "RatModel", "RatForCausalLM", "cache_nbytes"]
+# ==================================================================================================== task heads
+# transformers' generic heads (their forward, loss and output), on `RatModel`. Each builds its `RatModel` itself:
+# the generic `__init__` asks `AutoModel` for it, which knows RAT only where this package registered it, not in a
+# checkpoint loaded with `trust_remote_code=True` elsewhere.
+
+
+class RatForSequenceClassification(GenericForSequenceClassification, RatPreTrainedModel):
+    """A linear `score` of each row's last real token (left and right padding alike): one label per sequence."""
+
+    def __init__(self, config: RatConfig):
+        RatPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = RatModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    @accepts_past_key_values
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        """
+        Scores of each row's last real token: the last column that `attention_mask` keeps; without a mask, the last
+        token that is not `pad_token_id` (transformers' rule), else the last column.
+        """
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        batch_size, seq_len = hidden_states.shape[:2]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask[:, -seq_len:].to(hidden_states.device, torch.bool)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = (input_ids != self.config.pad_token_id).to(hidden_states.device)
+        else:
+            real = torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
+        columns = torch.arange(seq_len, device=hidden_states.device)
+        last_real = torch.where(real, columns, 0).amax(dim=-1)
+        logits = self.score(hidden_states[torch.arange(batch_size, device=hidden_states.device), last_real])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+
+
+class RatForTokenClassification(GenericForTokenClassification, RatPreTrainedModel):
+    """A linear `score` of every token after dropout (`config.classifier_dropout`, default 0.1): one label per token."""
+
+    def __init__(self, config: RatConfig):
+        RatPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = RatModel(config)
+        classifier_dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if classifier_dropout is None else classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=getattr(config, "token_classification_bias", True))
+        self.post_init()
+
+
+class RatForQuestionAnswering(GenericForQuestionAnswering, RatPreTrainedModel):
+    """Extractive question answering: start and end scores of every token (`qa_outputs`)."""
+
+    def __init__(self, config: RatConfig):
+        RatPreTrainedModel.__init__(self, config)
+        self.model = RatModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+
+__all__ = [
+    "RatPreTrainedModel",
+    "RatModel",
+    "RatForCausalLM",
+    "RatForSequenceClassification",
+    "RatForTokenClassification",
+    "RatForQuestionAnswering",
+    "cache_nbytes",
+]
