@@ -51,8 +51,8 @@ except ImportError as error:  # the module stays importable; `triton_unavailable
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# GPUs the kernels are fast on: from sm_80 (A100) 16-bit products run on tensor cores; sm_70/sm_75 compile them to
-# FMA loops with large stacks, where the PyTorch path is faster.
+# GPUs "auto" picks the kernels on: from sm_80 (A100) their 16-bit products run on tensor cores; Triton compiles them
+# to FMA loops with large stacks on sm_70/sm_75.
 MIN_CAPABILITY = (8, 0)
 # Largest head size the attention tiles hold in registers (the backward key kernel keeps two (summaries x head)
 # fp32 accumulators): `scripts/compile_triton_kernels.py` reports no spill up to it.
@@ -999,7 +999,7 @@ ATTENTION_TILES = {
         ("tf32", "backward_key", 64): (32, 128, 8, 2),
         ("tf32", "backward_key", 128): (32, 32, 4, 2),
         ("ieee", "forward", 64): (32, 32, 4, 2),
-        ("ieee", "forward", 128): (32, 32, 4, 2),
+        ("ieee", "forward", 128): (16, 16, 4, 2),
         ("ieee", "backward_query", 64): (32, 32, 8, 2),
         ("ieee", "backward_query", 128): (32, 32, 8, 2),
         ("ieee", "backward_key", 64): (16, 32, 4, 2),
@@ -1016,13 +1016,13 @@ ATTENTION_TILES = {
         ("tf32", "forward", 128): (32, 32, 4, 2),
         ("tf32", "backward_query", 64): (64, 32, 4, 2),
         ("tf32", "backward_query", 128): (32, 32, 4, 2),
-        ("tf32", "backward_key", 64): (32, 64, 8, 2),
+        ("tf32", "backward_key", 64): (16, 64, 8, 2),
         ("tf32", "backward_key", 128): (32, 32, 4, 2),
-        ("ieee", "forward", 64): (32, 32, 8, 2),
-        ("ieee", "forward", 128): (32, 32, 8, 2),
+        ("ieee", "forward", 64): (32, 16, 4, 2),
+        ("ieee", "forward", 128): (32, 16, 4, 2),
         ("ieee", "backward_query", 64): (32, 32, 8, 2),
         ("ieee", "backward_query", 128): (32, 32, 8, 2),
-        ("ieee", "backward_key", 64): (32, 16, 4, 2),
+        ("ieee", "backward_key", 64): (32, 16, 8, 2),
         ("ieee", "backward_key", 128): (32, 16, 4, 2),
     },
 }
