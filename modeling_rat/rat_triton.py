@@ -157,6 +157,7 @@ if triton is not None:
         BLOCK_J: tl.constexpr,
         HAS_INITIAL: tl.constexpr,
     ):
+        """The states of one chunk's tile: the gated inputs formed in registers, then one associative scan."""
         chunk, j, features, feature_mask = _scan_tile_coordinates(key_width, COPIES, BLOCK_COPIES, BLOCK_J)
         steps = tl.arange(0, BLOCK_L)[:, None, None]
         gate, value, key = _load_scan_tile(gates_ptr, value_ptr, key_ptr, chunk, steps, j, features, feature_mask, 0,

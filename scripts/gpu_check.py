@@ -40,6 +40,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -152,8 +153,9 @@ def section_versions(device, shapes):
     return result
 
 
-def section_tests(device, smoke, processes):
-    """The Triton tests in `processes` pytest processes (shards of the collected tests)."""
+def section_tests(smoke, processes, time_limit):
+    """The Triton tests in `processes` pytest processes (shards of the collected tests), stopped after `time_limit` s
+    (None: no limit)."""
     environment = dict(os.environ, PYTHONPATH=str(ROOT))
     pytest_command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton.py"]
     selection = ["-k", "kernels_are_usable_here"] if smoke else ["-m", "triton and not slow"]
@@ -163,9 +165,21 @@ def section_tests(device, smoke, processes):
     if not node_ids:
         return dict(ok=False, error="no tests collected", output=(collected.stdout + collected.stderr)[-2000:])
     shards = [node_ids[index::processes] for index in range(min(processes, len(node_ids)))]
-    runs = [subprocess.Popen(pytest_command[:-1] + shard, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for shard in shards]
-    outputs = [run.communicate()[0] for run in runs]
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in shards]  # files, not pipes: no process waits on a full pipe
+    runs = [subprocess.Popen(pytest_command[:-1] + shard, cwd=ROOT, env=environment, stdout=log,
+                             stderr=subprocess.STDOUT, text=True) for shard, log in zip(shards, logs)]
+    deadline, outputs = None if time_limit is None else time.monotonic() + time_limit, []
+    for run, log in zip(runs, logs):
+        try:
+            run.wait(timeout=None if deadline is None else max(1.0, deadline - time.monotonic()))
+            stopped = ""
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.wait()
+            stopped = f"\n(stopped after the section's {time_limit:.0f} s)"
+        log.seek(0)
+        outputs.append(log.read() + stopped)
+        log.close()
     failed = [line for output in outputs for line in output.splitlines() if line.startswith(("FAILED", "ERROR"))]
     return dict(ok=all(run.returncode == 0 for run in runs), tests=len(node_ids), processes=len(shards),
                 failed=failed, output_tail=[output[-1500:] for output, run in zip(outputs, runs) if run.returncode])
@@ -343,8 +357,9 @@ def section_float32_routing(device, shapes, smoke):
     return dict(ok=True, tokens=tokens, fastest=fastest.removesuffix("_ms"), **times)
 
 
-def section_speed(device, output_dir, smoke):
-    """benchmarks/bench_triton.py in its own process; its JSON is included."""
+def section_speed(output_dir, smoke, time_limit):
+    """benchmarks/bench_triton.py in its own process, stopped after `time_limit` s (None: no limit); its JSON is
+    included."""
     bench_dir = output_dir / "bench_triton"
     arguments = ["--output-dir", str(bench_dir)]
     if smoke:
@@ -352,8 +367,13 @@ def section_speed(device, output_dir, smoke):
                       "2", "--decode-batch", "2", "--decode-context", "40", "--repeats", "1", "--warmup", "0"]
     else:
         arguments += ["--repeats", "3", "--warmup", "1"]
-    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_triton.py"), *arguments], cwd=ROOT,
-                               env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    try:
+        completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_triton.py"), *arguments],
+                                   cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                                   timeout=time_limit)
+    except subprocess.TimeoutExpired as error:
+        return dict(ok=False, error=f"stopped after the section's {time_limit:.0f} s",
+                    output_tail=str(error.stdout or "")[-3000:])
     result = dict(ok=completed.returncode == 0, command=" ".join(["benchmarks/bench_triton.py", *arguments]))
     path = bench_dir / "bench_triton.json"
     if completed.returncode == 0 and path.is_file():
@@ -429,15 +449,19 @@ def main(argv=None):
         device, shapes = torch.device("cuda"), PAPER
     args.output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+
+    def time_left():  # the budget does not bind the smoke run (the interpreter is slow)
+        return None if args.smoke else max(1.0, args.budget_s - (time.perf_counter() - start))
+
     report = dict(device=str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "CPU", smoke=args.smoke,
                   budget_s=args.budget_s, sections={})
     runners = {
         "versions": lambda: section_versions(device, shapes),
-        "tests": lambda: section_tests(device, args.smoke, args.test_processes),
+        "tests": lambda: section_tests(args.smoke, args.test_processes, time_left()),
         "correctness": lambda: section_correctness(device, shapes),
-        "grid": lambda: section_grid(device, shapes, args.smoke),
+        "grid": lambda: section_grid(device, PAPER, args.smoke),  # the paper's heads even in the smoke run (meta tensors)
         "float32_routing": lambda: section_float32_routing(device, shapes, args.smoke),
-        "speed": lambda: section_speed(device, args.output, args.smoke),
+        "speed": lambda: section_speed(args.output, args.smoke, time_left()),
     }
     for name, estimate in SECTIONS:
         elapsed = time.perf_counter() - start
