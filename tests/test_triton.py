@@ -31,7 +31,6 @@ from conftest import LAYER_PATTERNS, random_ids, tiny_model
 triton = pytest.importorskip("triton", reason="the Triton kernels need the `triton` package (pip install triton)")
 
 from modeling_rat import rat_triton  # noqa: E402
-from modeling_rat.rat_ops import chunk_attention as torch_chunk_attention  # noqa: E402
 from modeling_rat.rat_ops import chunk_scan_reference  # noqa: E402
 from modeling_rat.rat_ops import decode_attention as torch_decode_attention  # noqa: E402
 from modeling_rat.rat_ops import gated_chunk_scan as torch_gated_chunk_scan  # noqa: E402
