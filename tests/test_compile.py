@@ -85,6 +85,7 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
             assert record["matrix_units"] == "wgmma", where
 
 
+@pytest.mark.triton
 def test_compile_script_refuses_a_head_size_it_cannot_report():
     pytest.importorskip("triton")
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
