@@ -630,8 +630,9 @@ def test_triton_model_equals_reference_forward_and_gradients(chunk_size, num_qk_
 
 
 def test_triton_model_with_padding_and_packing_equals_reference():
-    """Left padding and packed sequences: each sequence is its own grid row, with its own history count."""
-    model = tiny_model(["rat"]).to(DEVICE)
+    """Left padding and packed sequences, for RAT layers and for rnn layers (the Triton chunk scan under the
+    whole-sequence recurrence)."""
+    model = tiny_model(["rat", "rnn"]).to(DEVICE)
     ids = random_ids(3, 14).to(DEVICE)
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
@@ -649,7 +650,7 @@ def test_triton_model_with_padding_and_packing_equals_reference():
 
 def test_triton_model_decoding_equals_full_forward():
     """Prefill in pieces, then token-by-token decoding (the decode kernel over cached summaries), left padding."""
-    model = tiny_model(["rat"]).to(DEVICE)
+    model = tiny_model(["rat", "rnn"]).to(DEVICE)
     model.set_rat_implementation("triton")
     ids = random_ids(2, 12).to(DEVICE)
     mask = torch.ones_like(ids)
@@ -687,25 +688,51 @@ def test_triton_model_bfloat16_is_close_to_float32():
     assert (logits - reference).abs().max() < 3e-2 * scale
 
 
-def test_triton_dispatch_auto_picks_triton_on_cuda_and_fast_elsewhere(monkeypatch):
+def test_triton_dispatch_auto_picks_triton_on_cuda_and_fast_elsewhere(monkeypatch, caplog):
     from configuration_rat import RatConfig
     from modeling_rat.rat_backends import select_rat_backend
 
-    def resolve_rat_implementation(config, device, dtype=None):
-        return select_rat_backend(config, device, dtype).name
-
     config = RatConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, layer_types=["rat"], vocab_size=8)
-    assert resolve_rat_implementation(config, torch.device("cpu")) == "fast"
+    assert select_rat_backend(config, torch.device("cpu")).name == "fast"
     config.rat_implementation = "triton"
-    assert resolve_rat_implementation(config, DEVICE, torch.float32) == "triton"
-    with pytest.raises(ValueError, match="rat_implementation='triton' cannot run here"):
-        resolve_rat_implementation(config, DEVICE, torch.float64)
-    # "auto" on CUDA: triton when usable, else the fast path (no GPU needed to check the decision)
+    assert select_rat_backend(config, DEVICE, torch.float32).name == "triton"
+    with pytest.raises(ValueError, match="rat_implementation='triton' cannot run here: .*float64"):
+        select_rat_backend(config, DEVICE, torch.float64)
+    # "auto" on CUDA (no GPU needed to check the decision): triton when the kernels are fast there and pass the
+    # self-check, else the fast path, saying why
     config.rat_implementation = "auto"
-    monkeypatch.setattr(rat_triton, "triton_is_usable", lambda device, dtype=None: True)
-    assert resolve_rat_implementation(config, torch.device("cuda"), torch.bfloat16) == "triton"
-    monkeypatch.setattr(rat_triton, "triton_is_usable", lambda device, dtype=None: False)
-    assert resolve_rat_implementation(config, torch.device("cuda"), torch.bfloat16) == "fast"
+    monkeypatch.setattr(rat_triton, "triton_unavailable_reason", lambda *args, **kwargs: None)
+    monkeypatch.setattr(rat_triton, "triton_self_check", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert select_rat_backend(config, torch.device("cuda"), torch.bfloat16).name == "triton"
+    monkeypatch.setattr(rat_triton, "triton_self_check", lambda *args: "ptxas failed (a test reason)")
+    assert select_rat_backend(config, torch.device("cuda"), torch.bfloat16).name == "fast"
+    monkeypatch.setattr(rat_triton, "triton_unavailable_reason", lambda *args, **kwargs: "compute capability 7.5 (a test reason)")
+    assert select_rat_backend(config, torch.device("cuda"), torch.bfloat16).name == "fast"
+
+
+def test_triton_backend_falls_back_to_pytorch_when_a_kernel_cannot_launch(monkeypatch):
+    """A kernel that fails to compile or launch (TritonKernelError) is replaced by the PyTorch function, with one log
+    line, and the model's outputs are the PyTorch path's."""
+    from modeling_rat import rat_backends
+
+    def broken(*args, **kwargs):
+        raise rat_triton.TritonKernelError("no kernel image for this device (a test failure)")
+
+    rat_backends._triton_backend.cache_clear()
+    monkeypatch.setattr(rat_triton, "chunk_attention", broken)
+    try:
+        model = tiny_model(["rat", "rat"]).to(DEVICE)
+        ids = random_ids(2, 11).to(DEVICE)
+        model.set_rat_implementation("triton")
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits
+        model.set_rat_implementation("fast")
+        with torch.no_grad():
+            expected = model(ids, use_cache=False).logits
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    finally:
+        rat_backends._triton_backend.cache_clear()
 
 
 @pytest.mark.slow
