@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import pretrain  # noqa: E402
+import pretrain
+from modeling_rat.training import train_byte_level_bpe
+from modeling_rat.training.cli import configure_logging, run_command
 
 
 logger = logging.getLogger("compare")
@@ -70,8 +68,6 @@ def pretrain_arguments(args, model: str, tokenizer_dir: Path) -> list[str]:
 
 def shared_tokenizer(args) -> Path:
     """One byte-level BPE for all models, trained on the same training text they see."""
-    from modeling_rat.training_rat import train_byte_level_bpe
-
     tokenizer_dir = Path(args.work_dir) / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
         probe = pretrain.build_parser().parse_args(["--max-train-chars", str(args.max_train_chars)])
@@ -129,7 +125,7 @@ def write_results(results: list[dict], args, results_dir: Path) -> None:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(logger.name)
     tokenizer_dir = shared_tokenizer(args)
     results = []
     start = time.perf_counter()
@@ -154,4 +150,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -19,13 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+import pretrain
+import sft_summarization
+from modeling_rat.training.cli import configure_logging, run_command
 
-EXAMPLES = Path(__file__).resolve().parent
-ROOT = EXAMPLES.parent
-sys.path.insert(0, str(EXAMPLES))
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
+ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("demo")
 
 # Budgets sized for about 10 minutes on a 2-core CPU (--quick: under a minute per stage).
@@ -69,10 +68,7 @@ def stage_hub_folder(hub_upload: Path, merged_dir: Path, staging_dir: Path) -> d
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    import pretrain
-    import sft_summarization
-
+    configure_logging(logger.name)
     budget = dict(QUICK if args.quick else FULL)
     if args.pretrain_steps:
         budget["pretrain_steps"] = args.pretrain_steps
@@ -145,4 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -93,7 +93,7 @@ def test_pretrain_default_corpus_is_the_standard_library(tmp_path):
 def test_pretrain_explicit_sizes(tmp_path, text_dataset):
     args = pretrain.build_parser().parse_args(["--model", "attention", "--size", "small", "--hidden-size", "48",
                                                 "--num-layers", "3", "--num-heads", "6"])
-    from modeling_rat.training_rat import train_byte_level_bpe
+    from modeling_rat.training import train_byte_level_bpe
 
     config = pretrain.build_config(args, train_byte_level_bpe(["a b c"] * 3, vocab_size=300))
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (48, 3, 6)
@@ -287,7 +287,7 @@ def test_pretraining_blocks_supervise_eos_even_when_it_pads():
     documents must still be predicted (labels are the inputs, nothing masked)."""
     from transformers import default_data_collator
 
-    from modeling_rat.training_rat import ensure_pad_token, train_byte_level_bpe
+    from modeling_rat.training import ensure_pad_token, train_byte_level_bpe
 
     tokenizer = train_byte_level_bpe([sentence(i) for i in range(20)], vocab_size=300)
     tokenizer.pad_token = None
