@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pretrain
 from modeling_rat.training import train_byte_level_bpe
-from modeling_rat.training.cli import configure_logging, run_command
+from modeling_rat.training.cli import configure_logging, float_in, int_at_least, run_command
 
 
 logger = logging.getLogger("compare")
 MODELS = ["attention", "rnn", "rat", "attention-swa", "rat-swa"]
+POSITIVE = int_at_least(1)
 
 
 def build_parser():
@@ -31,21 +32,21 @@ def build_parser():
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--results-dir", default="results/paper_comparison")
     parser.add_argument("--work-dir", default="runs/paper_comparison", help="checkpoints and the shared tokenizer")
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--chunk-size", type=int, default=16)
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--sliding-window", type=int, help="default: block size / 4")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--max-steps", type=int, default=120)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--eval-steps", type=int, default=20)
-    parser.add_argument("--max-train-chars", type=int, default=4_000_000)
-    parser.add_argument("--max-eval-blocks", type=int, default=32)
-    parser.add_argument("--sft-steps", type=int, default=0, help="also LoRA-fine-tune on code summarization (0: skip)")
-    parser.add_argument("--sft-eval-examples", type=int, default=100)
+    parser.add_argument("--hidden-size", type=POSITIVE, default=128)
+    parser.add_argument("--num-layers", type=POSITIVE, default=4)
+    parser.add_argument("--num-heads", type=POSITIVE, default=4)
+    parser.add_argument("--chunk-size", type=POSITIVE, default=16)
+    parser.add_argument("--block-size", type=POSITIVE, default=256)
+    parser.add_argument("--sliding-window", type=POSITIVE, help="default: block size / 4")
+    parser.add_argument("--vocab-size", type=POSITIVE, default=4096)
+    parser.add_argument("--max-steps", type=POSITIVE, default=120)
+    parser.add_argument("--batch-size", type=POSITIVE, default=4)
+    parser.add_argument("--learning-rate", type=float_in(0, low_inclusive=False), default=3e-3)
+    parser.add_argument("--eval-steps", type=POSITIVE, default=20)
+    parser.add_argument("--max-train-chars", type=POSITIVE, default=4_000_000)
+    parser.add_argument("--max-eval-blocks", type=POSITIVE, default=32)
+    parser.add_argument("--sft-steps", type=int_at_least(0), default=0, help="also LoRA-fine-tune on code summarization (0: skip)")
+    parser.add_argument("--sft-eval-examples", type=POSITIVE, default=100)
     parser.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pretrain
 import sft_summarization
-from modeling_rat.training.cli import configure_logging, run_command
+from configuration_rat.configuration_rat import PAPER_LAYER_PATTERNS
+from modeling_rat.training.cli import configure_logging, int_at_least, run_command
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +38,12 @@ QUICK = dict(hidden_size=128, vocab_size=4096, pretrain_steps=4, pretrain_batch=
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/demo")
-    parser.add_argument("--model", default="rat", help="which of the paper's five models to pretrain")
+    parser.add_argument("--model", default="rat", choices=list(PAPER_LAYER_PATTERNS),
+                        help="which of the paper's five models to pretrain")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: check the pipeline in a few minutes")
     parser.add_argument("--hub-upload", default=str(ROOT / "hub_upload.py"), help="path of hub_upload.py")
-    parser.add_argument("--pretrain-steps", type=int, help=f"pretraining steps (default {FULL['pretrain_steps']})")
-    parser.add_argument("--sft-steps", type=int, help=f"LoRA fine-tuning steps (default {FULL['sft_steps']})")
+    parser.add_argument("--pretrain-steps", type=int_at_least(1), help=f"pretraining steps (default {FULL['pretrain_steps']})")
+    parser.add_argument("--sft-steps", type=int_at_least(1), help=f"LoRA fine-tuning steps (default {FULL['sft_steps']})")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -70,9 +72,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     configure_logging(logger.name)
     budget = dict(QUICK if args.quick else FULL)
-    if args.pretrain_steps:
+    if args.pretrain_steps is not None:
         budget["pretrain_steps"] = args.pretrain_steps
-    if args.sft_steps:
+    if args.sft_steps is not None:
         budget["sft_steps"] = args.sft_steps
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

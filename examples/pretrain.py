@@ -41,12 +41,13 @@ from modeling_rat.training import (
     train_resumably,
 )
 from modeling_rat.training.checkpoints import RESUME_LATEST, signals_held
-from modeling_rat.training.cli import configure_logging, run_command
+from modeling_rat.training.cli import configure_logging, float_in, int_at_least, prepare_output_dir, run_command
 from modeling_rat.training.launch import activation_checkpointing_argument, check_distribution, no_accelerator
 from modeling_rat.training.sources import load_dataset_dict, load_tokenizer
 
 
 logger = logging.getLogger("pretrain")
+POSITIVE = int_at_least(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="rat", choices=list(PAPER_LAYER_PATTERNS), help="layer pattern (paper's five models)")
     model.add_argument("--size", default="mini", choices=list(PRESET_SIZES), help="preset size (vocabulary comes from the tokenizer)")
-    model.add_argument("--hidden-size", type=int, help="override the preset's width")
-    model.add_argument("--num-layers", type=int, help="override the preset's depth")
-    model.add_argument("--num-heads", type=int, help="override the preset's head count")
-    model.add_argument("--intermediate-size", type=int, help="MLP width (default 4 x hidden size)")
-    model.add_argument("--num-qk-groups", type=int, default=2, help="RAT key/query groups (paper: 2)")
-    model.add_argument("--chunk-size", type=int, default=16, help="RAT chunk length L (paper: 16)")
-    model.add_argument("--sliding-window", type=int,
+    model.add_argument("--hidden-size", type=POSITIVE, help="override the preset's width")
+    model.add_argument("--num-layers", type=POSITIVE, help="override the preset's depth")
+    model.add_argument("--num-heads", type=POSITIVE, help="override the preset's head count")
+    model.add_argument("--intermediate-size", type=POSITIVE, help="MLP width (default 4 x hidden size)")
+    model.add_argument("--num-qk-groups", type=POSITIVE, default=2, help="RAT key/query groups (paper: 2)")
+    model.add_argument("--chunk-size", type=POSITIVE, default=16, help="RAT chunk length L (paper: 16)")
+    model.add_argument("--sliding-window", type=POSITIVE,
                        help="tokens a sliding-window query sees, itself included (default: block size / 4, so "
                             "that the window is shorter than the sequences)")
     model.add_argument("--rat-implementation", default="auto", choices=["auto", "fast", "reference", "triton"])
@@ -71,26 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--text-column", default="text", help="column holding the text (Hub datasets)")
     data.add_argument("--validation-split", default="validation",
                       help="split to validate on; if the dataset lacks it, --validation-fraction of train is held out")
-    data.add_argument("--validation-fraction", type=float, default=0.05)
-    data.add_argument("--max-train-chars", type=int, default=None, help="cap on training text (characters)")
-    data.add_argument("--max-eval-blocks", type=int, default=64, help="cap on validation blocks")
+    data.add_argument("--validation-fraction", type=float_in(0, 1, low_inclusive=False, high_inclusive=False),
+                      default=0.05, help="part of train held out when the dataset has no validation split")
+    data.add_argument("--max-train-chars", type=POSITIVE, default=None, help="cap on training text (characters)")
+    data.add_argument("--max-eval-blocks", type=POSITIVE, default=64, help="cap on validation blocks")
     data.add_argument("--tokenizer", help="tokenizer name or folder (default: train a byte-level BPE with a ChatML chat "
                                           "template on the training text)")
-    data.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE tokenizer")
-    data.add_argument("--tokenizer-train-chars", type=int, default=3_000_000, help="text used to train the BPE tokenizer")
-    data.add_argument("--block-size", type=int, default=256, help="tokens per training sequence")
+    data.add_argument("--vocab-size", type=POSITIVE, default=8192, help="vocabulary of the trained BPE tokenizer")
+    data.add_argument("--tokenizer-train-chars", type=POSITIVE, default=3_000_000, help="text used to train the BPE tokenizer")
+    data.add_argument("--block-size", type=int_at_least(2), default=256, help="tokens per training sequence")
     train = parser.add_argument_group("training")
     train.add_argument("--output-dir", default="runs/pretrain")
-    train.add_argument("--max-steps", type=int, default=300)
-    train.add_argument("--batch-size", type=int, default=8, help="per device")
-    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    train.add_argument("--learning-rate", type=float, default=2e-3)
-    train.add_argument("--weight-decay", type=float, default=0.1)
-    train.add_argument("--warmup-ratio", type=float, default=0.05)
-    train.add_argument("--eval-steps", type=int, help="validate every N steps (default: 4 times per run)")
-    train.add_argument("--logging-steps", type=int, default=10)
-    train.add_argument("--save-steps", type=int, help="save a checkpoint every N steps (default: at each validation)")
-    train.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the oldest are deleted)")
+    train.add_argument("--max-steps", type=POSITIVE, default=300)
+    train.add_argument("--batch-size", type=POSITIVE, default=8, help="per device")
+    train.add_argument("--gradient-accumulation-steps", type=POSITIVE, default=1)
+    train.add_argument("--learning-rate", type=float_in(0, low_inclusive=False), default=2e-3)
+    train.add_argument("--weight-decay", type=float_in(0), default=0.1)
+    train.add_argument("--warmup-ratio", type=float_in(0, 1), default=0.05)
+    train.add_argument("--eval-steps", type=POSITIVE, help="validate every N steps (default: 4 times per run)")
+    train.add_argument("--logging-steps", type=POSITIVE, default=10)
+    train.add_argument("--save-steps", type=POSITIVE, help="save a checkpoint every N steps (default: at each validation)")
+    train.add_argument("--save-total-limit", type=POSITIVE, default=2, help="checkpoints kept (the oldest are deleted)")
     train.add_argument("--resume-from-checkpoint", default=RESUME_LATEST, metavar="latest|none|PATH",
                        help="'latest' (default): resume from the latest complete checkpoint in --output-dir if there "
                             "is one; 'none': start fresh; or a checkpoint folder")
@@ -152,14 +154,18 @@ def _cap_chars(texts: list[str], max_chars: int) -> list[str]:
     return kept
 
 
-def get_tokenizer(args, train_texts: list[str], training_args: TrainingArguments, checkpoint: str | None):
-    """The tokenizer of the checkpoint resumed from, the given one, or a byte-level BPE trained on the training text
-    (once, by the main process)."""
+def given_tokenizer(args, checkpoint: str | None):
+    """The tokenizer of the checkpoint resumed from, or the one --tokenizer names; None if one is to be trained."""
     if checkpoint is not None:
         logger.info("Using the tokenizer saved with %s", checkpoint)
         return load_tokenizer(checkpoint, "--resume-from-checkpoint")
     if args.tokenizer:
         return ensure_pad_token(load_tokenizer(args.tokenizer))
+    return None
+
+
+def train_tokenizer(args, train_texts: list[str], training_args: TrainingArguments):
+    """A byte-level BPE trained on the training text (once, by the main process of each node)."""
     tokenizer_dir = Path(args.output_dir) / "tokenizer"
     with training_args.main_process_first(desc="training the tokenizer", local=True):
         if training_args.local_process_index != 0:  # the node's main process has just trained and saved it
@@ -275,18 +281,17 @@ def training_arguments(args, eval_steps: int) -> TrainingArguments:
 
 def run_pretraining(args) -> dict:
     """Train, validate, save; returns the metrics (also written to `<output-dir>/pretrain_results.json`)."""
-    if args.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}.")
-    if args.block_size < 2:
-        raise ValueError(f"--block-size must be >= 2, got {args.block_size}.")
+    prepare_output_dir(args.output_dir)
     set_seed(args.seed)
     eval_steps = args.eval_steps or max(1, args.max_steps // 4)
     training_args = training_arguments(args, eval_steps)
     checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    tokenizer = given_tokenizer(args, checkpoint)  # before reading the corpus: a bad --tokenizer fails at once
     train_texts, validation_texts, source = load_texts(args)
     logger.info("Corpus: %s: %d training and %d validation documents (%s training characters)", source,
                 len(train_texts), len(validation_texts), f"{sum(map(len, train_texts)):,}")
-    tokenizer = get_tokenizer(args, train_texts, training_args, checkpoint)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(args, train_texts, training_args)
     with training_args.main_process_first(desc="tokenizing"):
         train_blocks = tokenize_into_blocks(train_texts, tokenizer, args.block_size)
         eval_blocks = tokenize_into_blocks(validation_texts, tokenizer, args.block_size, args.max_eval_blocks)

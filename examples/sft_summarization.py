@@ -43,12 +43,13 @@ from modeling_rat.training import (
     truncate_to_tokens,
 )
 from modeling_rat.training.checkpoints import RESUME_LATEST, signals_held
-from modeling_rat.training.cli import configure_logging, run_command
+from modeling_rat.training.cli import configure_logging, float_in, int_at_least, prepare_output_dir, run_command
 from modeling_rat.training.launch import activation_checkpointing_argument, check_distribution, no_accelerator
 from modeling_rat.training.sources import check_rat_model, load_dataset_dict, load_tokenizer
 
 
 logger = logging.getLogger("sft")
+POSITIVE = int_at_least(1)
 PROMPT_SUFFIX = "\nSummary:"
 
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="RAT checkpoint folder or Hub name (default: pretrain a small RAT first)")
     parser.add_argument("--tokenizer", help="tokenizer folder or Hub name (default: the one saved with --model)")
-    parser.add_argument("--base-steps", type=int, default=300, help="pretraining steps when --model is not given")
+    parser.add_argument("--base-steps", type=POSITIVE, default=300, help="pretraining steps when --model is not given")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", help="Hub dataset name or local dataset folder (default: standard-library code "
                                         "summarization)")
@@ -66,31 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-split", default="train")
     data.add_argument("--validation-split", default="validation")
     data.add_argument("--test-split", default="test")
-    data.add_argument("--max-train-examples", type=int, help="cap on training examples")
-    data.add_argument("--max-validation-examples", type=int, default=64)
-    data.add_argument("--eval-examples", type=int, default=100, help="test examples scored with ROUGE")
-    data.add_argument("--max-length", type=int, default=256, help="prompt + summary tokens (longer documents are cut)")
-    data.add_argument("--max-summary-tokens", type=int, default=40, help="training summaries are cut to this length")
+    data.add_argument("--max-train-examples", type=POSITIVE, help="cap on training examples")
+    data.add_argument("--max-validation-examples", type=POSITIVE, default=64)
+    data.add_argument("--eval-examples", type=POSITIVE, default=100, help="test examples scored with ROUGE")
+    data.add_argument("--max-length", type=POSITIVE, default=256, help="prompt + summary tokens (longer documents are cut)")
+    data.add_argument("--max-summary-tokens", type=POSITIVE, default=40, help="training summaries are cut to this length")
     train = parser.add_argument_group("training")
     train.add_argument("--output-dir", default="runs/sft-summarization")
-    train.add_argument("--max-steps", type=int, default=200)
-    train.add_argument("--batch-size", type=int, default=8, help="examples per device and step")
-    train.add_argument("--learning-rate", type=float, default=2e-3)
-    train.add_argument("--lora-r", type=int, default=16)
-    train.add_argument("--lora-alpha", type=int, default=32)
-    train.add_argument("--lora-dropout", type=float, default=0.05)
+    train.add_argument("--max-steps", type=POSITIVE, default=200)
+    train.add_argument("--batch-size", type=POSITIVE, default=8, help="examples per device and step")
+    train.add_argument("--learning-rate", type=float_in(0, low_inclusive=False), default=2e-3)
+    train.add_argument("--lora-r", type=POSITIVE, default=16)
+    train.add_argument("--lora-alpha", type=POSITIVE, default=32)
+    train.add_argument("--lora-dropout", type=float_in(0, 1, high_inclusive=False), default=0.05)
     train.add_argument("--no-packing", dest="packing", action="store_false",
                        help="pad batches instead of packing them padding-free (TRL packing, the default)")
-    train.add_argument("--save-steps", type=int, help="save a checkpoint every N steps (default: max steps / 4)")
-    train.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (the oldest are deleted)")
+    train.add_argument("--save-steps", type=POSITIVE, help="save a checkpoint every N steps (default: max steps / 4)")
+    train.add_argument("--save-total-limit", type=POSITIVE, default=2, help="checkpoints kept (the oldest are deleted)")
     train.add_argument("--resume-from-checkpoint", default=RESUME_LATEST, metavar="latest|none|PATH",
                        help="'latest' (default): resume from the latest complete checkpoint in --output-dir/trainer "
                             "if there is one; 'none': start fresh; or a checkpoint folder")
     train.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing (less memory)")
     train.add_argument("--bf16", action="store_true")
-    train.add_argument("--logging-steps", type=int, default=10)
-    train.add_argument("--max-new-tokens", type=int, default=40, help="generation length for ROUGE")
-    train.add_argument("--generation-batch-size", type=int, default=16)
+    train.add_argument("--logging-steps", type=POSITIVE, default=10)
+    train.add_argument("--max-new-tokens", type=POSITIVE, default=40, help="generation length for ROUGE")
+    train.add_argument("--generation-batch-size", type=POSITIVE, default=16)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--disable-tqdm", action="store_true")
     return parser
@@ -231,10 +232,8 @@ def pretrain_default_base(args) -> str:
 def run_sft(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    if args.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}.")
     set_seed(args.seed)
-    output_dir = Path(args.output_dir)
+    output_dir = prepare_output_dir(args.output_dir)
     sft_config = SFTConfig(
         use_cpu=no_accelerator(),
         output_dir=str(output_dir / "trainer"),

@@ -10,7 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT
+from conftest import ROOT, tiny_config
+from modeling_rat import RatForCausalLM
+from modeling_rat.training import DEFAULT_CHAT_TEMPLATE, is_complete_checkpoint, latest_complete_checkpoint
 
 
 import compare_paper_models  # noqa: E402
@@ -75,6 +77,14 @@ def test_pretrain_on_a_dataset_saves_a_remote_code_checkpoint(pretrained):
     assert config["max_position_embeddings"] == 32
     tokenizer = AutoTokenizer.from_pretrained(output)
     assert config["vocab_size"] == len(tokenizer) and config["pad_token_id"] == tokenizer.pad_token_id
+    # The trained tokenizer ships the ChatML template; generation stops at the end of a text or of a chat turn.
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    generation = json.loads((output / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    checkpoints = sorted(output.glob("checkpoint-*"))
+    assert [path.name for path in checkpoints] == ["checkpoint-2", "checkpoint-3"], "saved at each validation, 2 kept"
+    assert all(is_complete_checkpoint(path) for path in checkpoints)
+    assert metrics["resumed_from"] is None
     model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
     ids = tokenizer("the model reads text", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -297,3 +307,150 @@ def test_pretraining_blocks_supervise_eos_even_when_it_pads():
     batch = default_data_collator([blocks[i] for i in range(len(blocks))])
     assert torch.equal(batch["labels"], batch["input_ids"])
     assert int((batch["labels"] == tokenizer.eos_token_id).sum()) >= 6
+
+
+# ========================================================================================== bad input on the CLI
+
+
+def cli_error(main, argv, capsys, status=1):
+    """Run an example's entry point as its command line does; return its one `error:` line."""
+    from modeling_rat.training.cli import run_command
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(main, argv)
+    assert exit_info.value.code == status
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    lines = [line for line in error.splitlines() if "error:" in line]
+    assert len(lines) == 1, error[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """Files and folders a user might pass by mistake."""
+    folder = tmp_path_factory.mktemp("bad-inputs")
+    (folder / "empty.jsonl").write_text("")
+    (folder / "header-only.csv").write_text("text\n")
+    (folder / "broken.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    (folder / "notes.docx").write_text("not a data file")
+    for name, content in (("empty-folder", ""), ("csv-folder", "text\n")):
+        (folder / name).mkdir()
+        (folder / name / ("train.csv" if name == "csv-folder" else "train.jsonl")).write_text(content)
+    RatForCausalLM(tiny_config(vocab_size=300)).save_pretrained(folder / "model-without-tokenizer")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder / "llama")
+    return folder
+
+
+PRETRAIN_BAD_INPUTS = {
+    "empty .jsonl file": (["--dataset", "{bad}/empty.jsonl"], "empty.jsonl: a data file is empty"),
+    "folder with an empty .jsonl": (["--dataset", "{bad}/empty-folder"], "empty-folder: a data file is empty"),
+    "header-only CSV file": (["--dataset", "{bad}/header-only.csv"], "a CSV with only a header"),
+    "folder with a header-only CSV": (["--dataset", "{bad}/csv-folder"], "a CSV with only a header"),
+    "unreadable JSON lines": (["--dataset", "{bad}/broken.jsonl"], "cannot read its data"),
+    "unknown data file type": (["--dataset", "{bad}/notes.docx"], "unknown data file type '.docx'"),
+    "missing local dataset": (["--dataset", "./no-such-data"], "--dataset ./no-such-data: no such file or folder"),
+    "missing local tokenizer": (["--tokenizer", "{bad}/no-such-tokenizer"], "no-such-tokenizer: no such file"),
+    "folder without a tokenizer": (["--tokenizer", "{bad}/model-without-tokenizer"], "holds no tokenizer"),
+    "output folder is a file": (["--output-dir", "{bad}/empty.jsonl"], "--output-dir {bad}/empty.jsonl is a file"),
+    "incomplete checkpoint": (["--resume-from-checkpoint", "{bad}/empty-folder"], "is not a complete Trainer"),
+}
+
+
+@pytest.mark.parametrize("case", list(PRETRAIN_BAD_INPUTS))
+def test_pretrain_bad_input_is_one_error_line(case, bad_inputs, text_dataset, tmp_path, capsys):
+    arguments, message = PRETRAIN_BAD_INPUTS[case]
+    argv = ["--dataset", str(text_dataset), "--text-column", "content", "--max-steps", "1",
+            "--output-dir", str(tmp_path / "out")] + TINY_MODEL + [a.format(bad=bad_inputs) for a in arguments]
+    line = cli_error(pretrain.main, argv, capsys)
+    assert line.startswith("error: ") and message.format(bad=bad_inputs) in line, line
+
+
+@pytest.mark.parametrize("option", ["--sliding-window", "--eval-steps", "--save-steps", "--batch-size",
+                                    "--gradient-accumulation-steps", "--tokenizer-train-chars", "--save-total-limit"])
+def test_pretrain_refuses_zero_where_a_count_is_needed(option, capsys):
+    """0 used to fall back to the default silently (window, eval and save steps), train a tokenizer on no text, or
+    divide by zero."""
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.build_parser().parse_args([option, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [("--validation-fraction", "0"), ("--validation-fraction", "1.5"),
+                                           ("--learning-rate", "-1"), ("--warmup-ratio", "nan"),
+                                           ("--block-size", "1")])
+def test_pretrain_refuses_numbers_out_of_range(option, value, capsys):
+    with pytest.raises(SystemExit):
+        pretrain.build_parser().parse_args([option, value])
+    assert f"argument {option}: must be" in capsys.readouterr().err
+
+
+def test_pretrain_refuses_to_resume_another_architecture(pretrained, tmp_path, text_dataset, capsys):
+    output, _ = pretrained
+    checkpoint = latest_complete_checkpoint(output)
+    argv = ["--model", "rat-swa", "--dataset", str(text_dataset), "--text-column", "content", "--max-steps", "4",
+            "--output-dir", str(tmp_path / "out"), "--resume-from-checkpoint", str(checkpoint)] + TINY_MODEL
+    line = cli_error(pretrain.main, argv + ["--hidden-size", "64"], capsys)
+    assert "Cannot resume from" in line and "hidden_size 32 (this command: 64)" in line
+    assert "--resume-from-checkpoint none" in line
+
+
+SFT_BAD_INPUTS = {
+    "missing local model": (["--model", "{bad}/no-such-model"], "--model {bad}/no-such-model: no such file or folder"),
+    "model folder without tokenizer": (["--model", "{bad}/model-without-tokenizer"],
+                                       "model-without-tokenizer holds no tokenizer"),
+    "a Llama checkpoint": (["--model", "{bad}/llama"], "is a 'llama' model; this command trains RAT models"),
+    "a file as model": (["--model", "{bad}/empty.jsonl"], "is a file; a folder is needed"),
+    "folder without config": (["--model", "{bad}/empty-folder"], "holds no model (no config.json)"),
+    "missing local tokenizer": (["--model", "{bad}/model-without-tokenizer", "--tokenizer", "./no-such-tokenizer"],
+                                "--tokenizer ./no-such-tokenizer: no such file or folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(SFT_BAD_INPUTS))
+def test_sft_bad_input_is_one_error_line(case, bad_inputs, tmp_path, capsys):
+    arguments, message = SFT_BAD_INPUTS[case]
+    argv = ["--max-steps", "1", "--output-dir", str(tmp_path / "sft")] + [a.format(bad=bad_inputs) for a in arguments]
+    line = cli_error(sft_summarization.main, argv, capsys)
+    assert line.startswith("error: ") and message.format(bad=bad_inputs) in line, line
+
+
+def test_sft_takes_the_tokenizer_from_its_own_option(bad_inputs, pretrained, summarization_dataset, tmp_path):
+    """A model folder without a tokenizer works when --tokenizer names one."""
+    tokenizer_dir, _ = pretrained
+    results = sft_summarization.main([
+        "--model", str(bad_inputs / "model-without-tokenizer"), "--tokenizer", str(tokenizer_dir),
+        "--dataset", str(summarization_dataset),
+        "--document-column", "dialogue", "--max-steps", "1", "--batch-size", "2", "--max-length", "32",
+        "--max-summary-tokens", "8", "--eval-examples", "2", "--max-new-tokens", "2",
+        "--output-dir", str(tmp_path / "sft"), "--disable-tqdm",
+    ])
+    assert results["test_examples"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [(["--pretrain-steps", "0"], "must be >= 1"),
+                                           (["--model", "transformer"], "invalid choice")])
+def test_demo_refuses_bad_options(argv, message, capsys):
+    """--pretrain-steps 0 used to run the default 400 steps."""
+    with pytest.raises(SystemExit):
+        demo.build_parser().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_failure_is_one_line_and_nonzero_exit(tmp_path):
+    """The real command line: an empty data file gives one `error:` line on stderr and exit status 1."""
+    (tmp_path / "empty.jsonl").write_text("")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "pretrain.py"), "--dataset", str(tmp_path / "empty.jsonl"),
+         "--output-dir", str(tmp_path / "out")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"),
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: --dataset {tmp_path / 'empty.jsonl'}: a data file is empty (no rows)."
+    assert "Traceback" not in result.stderr

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 import sys
+from pathlib import Path
 
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
@@ -35,3 +38,48 @@ def configure_logging(*names: str) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for name in (*names, "modeling_rat"):
         logging.getLogger(name).setLevel(logging.INFO)
+
+
+def int_at_least(minimum: int):
+    """An argparse `type`: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, low_inclusive: bool = True, high_inclusive: bool = True):
+    """An argparse `type`: a finite number in the range from `low` to `high`."""
+    interval = f"{'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        above = value >= low if low_inclusive else value > low
+        below = value <= high if high_inclusive else value < high
+        if not (math.isfinite(value) and above and below):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    return parse
+
+
+def prepare_output_dir(path, option: str = "--output-dir"):
+    """Create the output folder (and its parents), or say why it cannot be."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option} {path} is a file; name a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"Cannot create {option} {path}: {error.strerror or error}.") from None
+    return path

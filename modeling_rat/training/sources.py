@@ -81,9 +81,10 @@ def load_tokenizer(name: str, option: str = "--tokenizer", **kwargs):
 
     path = check_location(name, option)
     if path is not None and not any((path / file).is_file() for file in TOKENIZER_FILES):
+        elsewhere = "name another tokenizer folder or Hub name" + ("" if option == "--tokenizer" else " with --tokenizer")
         raise FileNotFoundError(
             f"{option} {name} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}). Save one into it with "
-            "`tokenizer.save_pretrained(folder)`, or name a tokenizer folder or Hub name with --tokenizer."
+            f"`tokenizer.save_pretrained(folder)`, or {elsewhere}."
         )
     return AutoTokenizer.from_pretrained(str(path) if path is not None else name, **kwargs)
 
