@@ -454,3 +454,46 @@ def test_cli_failure_is_one_line_and_nonzero_exit(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"error: --dataset {tmp_path / 'empty.jsonl'}: a data file is empty (no rows)."
     assert "Traceback" not in result.stderr
+
+
+# ================================================================================================ FSDP2 on CPUs
+
+
+@pytest.mark.slow
+def test_fsdp2_configuration_trains_on_two_cpu_processes(tmp_path):
+    """examples/configs/fsdp.yaml's plan (FSDP2, one unit per RatDecoderLayer, full state dict on save) on two CPU
+    processes over gloo equals unsharded training on whole batches (tests/fsdp2_training.py)."""
+    environment = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+                       MASTER_PORT=str(29500 + os.getpid() % 1000))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         environment["MASTER_PORT"], str(ROOT / "tests" / "fsdp2_training.py"), str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=environment,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    report = json.loads((tmp_path / "fsdp2_report.json").read_text())
+    assert report["sharded_parameters"] > 0
+    # fp32, but not bit-exact: two processes sum their half-batch gradients in another order than one process
+    # does, and Adam divides by the gradients' running magnitude, which turns a last-bit difference of a tiny
+    # gradient into a weight difference of up to about the learning rate (1e-3); measured: 7e-7.
+    for sharded_loss, reference_loss in report["losses"]:
+        assert abs(sharded_loss - reference_loss) < 1e-5, report["losses"]
+    assert report["max_weight_difference"] < 1e-5
+    assert report["logits_difference"] < 1e-4
+
+
+def test_fsdp_requested_but_not_applied_is_refused(monkeypatch):
+    """accelerate applies FSDP and DeepSpeed to GPU processes only: on CPUs `accelerate launch --config_file
+    examples/configs/fsdp.yaml` would silently train plain data parallel. The examples refuse that."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from modeling_rat.training.launch import check_distribution
+
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    check_distribution(trainer)  # nothing asked: fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="asks for FSDP, but the processes run as MULTI_CPU"):
+        check_distribution(trainer)
+    check_distribution(SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.FSDP)))
