@@ -285,6 +285,7 @@ def run_pretraining(args) -> dict:
     set_seed(args.seed)
     eval_steps = args.eval_steps or max(1, args.max_steps // 4)
     training_args = training_arguments(args, eval_steps)
+    check_distribution(training_args)
     checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     tokenizer = given_tokenizer(args, checkpoint)  # before reading the corpus: a bad --tokenizer fails at once
     train_texts, validation_texts, source = load_texts(args)
@@ -321,7 +322,6 @@ def run_pretraining(args) -> dict:
         data_collator=default_data_collator,
         processing_class=tokenizer,
     )
-    check_distribution(trainer)
     start = time.perf_counter()
     train_result = train_resumably(trainer, checkpoint)
     train_seconds = time.perf_counter() - start

@@ -259,6 +259,7 @@ def run_sft(args) -> dict:
         dataset_num_proc=None,
         ddp_find_unused_parameters=False,
     )
+    check_distribution(sft_config)
     model_path = args.model
     if model_path is None:
         if sft_config.world_size > 1:
@@ -305,7 +306,6 @@ def run_sft(args) -> dict:
         processing_class=tokenizer,
         peft_config=lora_config,
     )
-    check_distribution(trainer)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     logger.info("LoRA on %s: %s trainable parameters of %s (%.2f%%)", ", ".join(sorted(lora_config.target_modules)),
                 f"{trainable:,}",

@@ -482,18 +482,17 @@ def test_fsdp2_configuration_trains_on_two_cpu_processes(tmp_path):
     assert report["logits_difference"] < 1e-4
 
 
-def test_fsdp_requested_but_not_applied_is_refused(monkeypatch):
+def test_fsdp_on_cpu_processes_is_refused(monkeypatch):
     """accelerate applies FSDP and DeepSpeed to GPU processes only: on CPUs `accelerate launch --config_file
     examples/configs/fsdp.yaml` would silently train plain data parallel. The examples refuse that."""
     from types import SimpleNamespace
 
-    from accelerate.utils import DistributedType
-
     from modeling_rat.training.launch import check_distribution
 
-    trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
-    check_distribution(trainer)  # nothing asked: fine
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match="asks for FSDP, but the processes run as MULTI_CPU"):
-        check_distribution(trainer)
-    check_distribution(SimpleNamespace(accelerator=SimpleNamespace(distributed_type=DistributedType.FSDP)))
+    check_distribution(SimpleNamespace(use_cpu=True))  # nothing asked: fine
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        with monkeypatch.context() as patch:
+            patch.setenv(variable, "true")
+            with pytest.raises(ValueError, match=f"asks for {name}, but this machine has no GPU"):
+                check_distribution(SimpleNamespace(use_cpu=True))
+            check_distribution(SimpleNamespace(use_cpu=False))

@@ -29,20 +29,19 @@ def activation_checkpointing_argument(enabled: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": enabled}
 
 
-def check_distribution(trainer) -> None:
+def check_distribution(training_args) -> None:
     """
-    Refuse a run in which `accelerate launch --config_file` asked for FSDP or DeepSpeed but the Trainer's accelerator
-    does not use it. accelerate (1.15) selects FSDP and DeepSpeed only for GPU-type processes: on a CPU-only machine
-    the processes train as plain data parallel (MULTI_CPU, gloo) and the sharding settings are silently dropped.
+    Refuse a CPU run that `accelerate launch --config_file` set up for FSDP or DeepSpeed. accelerate (1.15) applies
+    them to GPU processes only: processes told `use_cpu` train as plain data parallel (MULTI_CPU, gloo), and the
+    sharding settings are dropped without a word.
     """
-    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
+    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                  if os.environ.get(variable, "false").lower() == "true"]
-    used = trainer.accelerator.distributed_type.value
-    for name in requested:
-        if used != name:
-            raise ValueError(
-                f"The launch configuration asks for {name}, but the processes run as {used}: accelerate applies "
-                f"{name} to GPU processes only, so on this machine the sharding settings would be ignored. Launch "
-                "without the config (`accelerate launch --multi_gpu --num_processes N`) for data-parallel CPU "
-                "training, or run on GPUs."
-            )
+    if requested and training_args.use_cpu:
+        name = requested[0]
+        raise ValueError(
+            f"The launch configuration asks for {name}, but this machine has no GPU: accelerate applies {name} to GPU "
+            f"processes only and would train these CPU processes as plain data parallel, the {name} settings ignored. "
+            "Launch without the config (`accelerate launch --multi_gpu --num_processes N`) for data-parallel CPU "
+            "training, or run on GPUs."
+        )
