@@ -40,7 +40,7 @@ from modeling_rat.training import (
     train_byte_level_bpe,
     train_resumably,
 )
-from modeling_rat.training.checkpoints import RESUME_LATEST, signals_held
+from modeling_rat.training.checkpoints import add_checkpoint_arguments, signals_held
 from modeling_rat.training.cli import configure_logging, float_in, int_at_least, prepare_output_dir, run_command
 from modeling_rat.training.launch import activation_checkpointing_argument, check_distribution, no_accelerator
 from modeling_rat.training.sources import load_dataset_dict, load_tokenizer
@@ -91,11 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup-ratio", type=float_in(0, 1), default=0.05)
     train.add_argument("--eval-steps", type=POSITIVE, help="validate every N steps (default: 4 times per run)")
     train.add_argument("--logging-steps", type=POSITIVE, default=10)
-    train.add_argument("--save-steps", type=POSITIVE, help="save a checkpoint every N steps (default: at each validation)")
-    train.add_argument("--save-total-limit", type=POSITIVE, default=2, help="checkpoints kept (the oldest are deleted)")
-    train.add_argument("--resume-from-checkpoint", default=RESUME_LATEST, metavar="latest|none|PATH",
-                       help="'latest' (default): resume from the latest complete checkpoint in --output-dir if there "
-                            "is one; 'none': start fresh; or a checkpoint folder")
+    add_checkpoint_arguments(train, default_save_steps="at each validation", folder="--output-dir")
     train.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing (less memory)")
     train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs with bf16 support)")
     train.add_argument("--seed", type=int, default=0)

@@ -42,7 +42,7 @@ from modeling_rat.training import (
     train_resumably,
     truncate_to_tokens,
 )
-from modeling_rat.training.checkpoints import RESUME_LATEST, signals_held
+from modeling_rat.training.checkpoints import add_checkpoint_arguments, signals_held
 from modeling_rat.training.cli import configure_logging, float_in, int_at_least, prepare_output_dir, run_command
 from modeling_rat.training.launch import activation_checkpointing_argument, check_distribution, no_accelerator
 from modeling_rat.training.sources import check_rat_model, load_dataset_dict, load_tokenizer
@@ -82,11 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lora-dropout", type=float_in(0, 1, high_inclusive=False), default=0.05)
     train.add_argument("--no-packing", dest="packing", action="store_false",
                        help="pad batches instead of packing them padding-free (TRL packing, the default)")
-    train.add_argument("--save-steps", type=POSITIVE, help="save a checkpoint every N steps (default: max steps / 4)")
-    train.add_argument("--save-total-limit", type=POSITIVE, default=2, help="checkpoints kept (the oldest are deleted)")
-    train.add_argument("--resume-from-checkpoint", default=RESUME_LATEST, metavar="latest|none|PATH",
-                       help="'latest' (default): resume from the latest complete checkpoint in --output-dir/trainer "
-                            "if there is one; 'none': start fresh; or a checkpoint folder")
+    add_checkpoint_arguments(train, default_save_steps="max steps / 4", folder="--output-dir/trainer")
     train.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing (less memory)")
     train.add_argument("--bf16", action="store_true")
     train.add_argument("--logging-steps", type=POSITIVE, default=10)

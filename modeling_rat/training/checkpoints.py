@@ -25,12 +25,26 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .cli import int_at_least
+
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"  # the Trainer's last write to a checkpoint
 RESUME_LATEST, RESUME_NONE = "latest", "none"
+
+
+def add_checkpoint_arguments(group, default_save_steps: str, folder: str) -> None:
+    """The command-line options of saving and resuming: `--save-steps`, `--save-total-limit`,
+    `--resume-from-checkpoint` (checkpoints live in `folder`)."""
+    group.add_argument("--save-steps", type=int_at_least(1),
+                       help=f"save a checkpoint every N steps (default: {default_save_steps})")
+    group.add_argument("--save-total-limit", type=int_at_least(1), default=2,
+                       help="checkpoints kept (the oldest are deleted)")
+    group.add_argument("--resume-from-checkpoint", default=RESUME_LATEST, metavar="latest|none|PATH",
+                       help=f"'{RESUME_LATEST}' (default): resume from the latest complete checkpoint in {folder} if "
+                            f"there is one; '{RESUME_NONE}': start fresh; or a checkpoint folder")
 
 
 def is_complete_checkpoint(folder) -> bool:
