@@ -147,6 +147,26 @@ def test_sft_on_a_hub_style_dataset(tmp_path, pretrained, summarization_dataset)
 
 
 @pytest.mark.slow
+def test_sft_rerun_resumes_its_finished_adapter(tmp_path, pretrained, summarization_dataset):
+    """The same SFT command twice: the second run finds the LoRA checkpoint holding every step, loads the adapter
+    without training again, and writes the same merged model."""
+    model_dir, _ = pretrained
+    argv = ["--model", str(model_dir), "--dataset", str(summarization_dataset), "--document-column", "dialogue",
+            "--max-steps", "2", "--batch-size", "2", "--max-length", "32", "--max-summary-tokens", "8",
+            "--eval-examples", "2", "--max-new-tokens", "2", "--output-dir", str(tmp_path / "sft"), "--disable-tqdm"]
+    first = sft_summarization.main(argv)
+    merged = AutoModelForCausalLM.from_pretrained(first["merged_dir"], trust_remote_code=True).state_dict()
+    second = sft_summarization.main(argv)
+    assert first["resumed_from"] is None and second["resumed_from"].endswith("checkpoint-2")
+    assert second["train_loss"] is None and second["eval_loss"] == first["eval_loss"]
+    again = AutoModelForCausalLM.from_pretrained(second["merged_dir"], trust_remote_code=True).state_dict()
+    for name, tensor in merged.items():
+        torch.testing.assert_close(again[name], tensor, rtol=0, atol=0, msg=name)
+    assert sorted(path.name for path in (tmp_path / "sft" / "trainer").glob("checkpoint-*")) == ["checkpoint-1",
+                                                                                                  "checkpoint-2"]
+
+
+@pytest.mark.slow
 def test_sft_default_task_without_packing(tmp_path, pretrained):
     model_dir, _ = pretrained
     results = sft_summarization.main([

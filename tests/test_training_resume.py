@@ -103,6 +103,18 @@ def test_resumed_run_logs_the_losses_of_the_uninterrupted_run(tmp_path, pattern,
     assert_same_weights(uninterrupted.model, resumed.model)
 
 
+def test_rerunning_a_finished_run_trains_no_further_step(tmp_path, uninterrupted):
+    """Resuming from a checkpoint that holds every planned step loads it and trains nothing (the Trainer itself
+    would run one step more, and write one checkpoint more, on every rerun)."""
+    finished = uninterrupted("hybrid")
+    rerun = make_trainer(finished.args.output_dir, LAYER_PATTERNS["hybrid"], model_seed=1)
+    result = train_resumably(rerun, resolve_resume_checkpoint("latest", finished.args.output_dir))
+    assert result.global_step == MAX_STEPS and result.training_loss is None
+    assert rerun.state.global_step == MAX_STEPS
+    assert_same_weights(finished.model, rerun.model)
+    assert latest_complete_checkpoint(finished.args.output_dir).name == f"checkpoint-{MAX_STEPS}"
+
+
 def write_checkpoint(folder, step, complete=True):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")

@@ -23,7 +23,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer_utils import TrainOutput
 
 from .cli import int_at_least
 
@@ -177,13 +178,23 @@ class CheckpointGuard(TrainerCallback):
 
 def train_resumably(trainer, resume_from_checkpoint: str | None = None):
     """
-    `trainer.train(resume_from_checkpoint=...)` with a `CheckpointGuard`. If the run is interrupted, the
-    `KeyboardInterrupt` it raises names the checkpoint a rerun resumes from.
+    `trainer.train(resume_from_checkpoint=...)` with a `CheckpointGuard`. A checkpoint that already holds all the
+    planned steps is loaded without training (the Trainer would run one step more, and one more on every rerun); the
+    returned `TrainOutput` then has `training_loss` None. If the run is interrupted, the `KeyboardInterrupt` it raises
+    names the checkpoint a rerun resumes from.
     """
     if not any(isinstance(callback, CheckpointGuard) for callback in trainer.callback_handler.callbacks):
         trainer.add_callback(CheckpointGuard())
     if resume_from_checkpoint is not None:
-        logger.info("Resuming from %s", resume_from_checkpoint)
+        state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE))
+        planned = trainer.args.max_steps if trainer.args.max_steps > 0 else state.max_steps
+        if state.global_step >= planned:
+            logger.info("%s holds all %d planned steps: loading it, nothing left to train", resume_from_checkpoint,
+                        planned)
+            trainer._load_from_checkpoint(resume_from_checkpoint)  # the Trainer's own loader (weights or adapters)
+            trainer.state = state
+            return TrainOutput(global_step=state.global_step, training_loss=None, metrics={})
+        logger.info("Resuming from %s (step %d of %d)", resume_from_checkpoint, state.global_step, planned)
     try:
         return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except KeyboardInterrupt:
