@@ -200,5 +200,5 @@ def train_resumably(trainer, resume_from_checkpoint: str | None = None):
     except KeyboardInterrupt:
         latest = latest_complete_checkpoint(trainer.args.output_dir)
         hint = (f"the latest complete checkpoint is {latest}: run the same command again to resume from it"
-                if latest is not None else "no checkpoint was saved yet")
+                if latest is not None else "no complete checkpoint yet: a rerun starts from the beginning")
         raise KeyboardInterrupt(hint) from None
