@@ -195,14 +195,23 @@ def test_ctrl_c_while_a_checkpoint_is_written_stops_after_it_is_complete(tmp_pat
     assert_same_weights(uninterrupted.model, resumed.model)
 
 
-def test_a_second_ctrl_c_stops_at_once():
+def test_a_second_ctrl_c_stops_at_once(monkeypatch):
+    """A second Ctrl-C stops at once, but not the same one arriving twice (a launcher forwarding it)."""
+    from modeling_rat.training.checkpoints import _SignalHold
+
+    monkeypatch.setattr(_SignalHold, "REPEAT_SECONDS", 0.2)
     with pytest.raises(KeyboardInterrupt):
         with signals_held("a file"):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # held
             os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # within 0.2 s of the first: the same interruption, still held
+            completed_while_held = True
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # delivered here
             pytest.fail("the second Ctrl-C must stop at once")
+    assert completed_while_held
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 

@@ -20,6 +20,7 @@ import logging
 import re
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,14 +107,20 @@ def resolve_resume_checkpoint(choice: str, output_dir) -> str | None:
 
 
 class _SignalHold:
-    """Holds SIGINT and SIGTERM (main thread only) until `release()`, then delivers the first one received; a second
-    signal while held is delivered at once."""
+    """
+    Holds SIGINT and SIGTERM (main thread only) until `release()`, then delivers the first one received. A second
+    signal while held is delivered at once, unless it comes within `REPEAT_SECONDS` of the first: that is the same
+    interruption reaching the process twice (Ctrl-C under `torchrun` or `accelerate launch` goes to every process of
+    the terminal's group, and the launcher forwards it to its workers once more).
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_SECONDS = 1.0
 
     def __init__(self):
         self._previous = {}
         self._pending = None
+        self._first_received = 0.0
         self._what = ""
 
     def hold(self, what: str) -> None:
@@ -134,10 +141,12 @@ class _SignalHold:
 
     def _receive(self, number, frame) -> None:
         if self._pending is not None:
+            if time.monotonic() - self._first_received < self.REPEAT_SECONDS:
+                return
             self._pending = number
             self.release()
             return
-        self._pending = number
+        self._pending, self._first_received = number, time.monotonic()
         logger.warning("%s received while writing %s: stopping once it is complete (send it again to stop at once, "
                        "leaving it incomplete).", signal.Signals(number).name, self._what)
 
