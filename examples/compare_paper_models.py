@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pretrain
 from modeling_rat.training import train_byte_level_bpe
-from modeling_rat.training.cli import configure_logging, float_in, int_at_least, run_command
+from modeling_rat.training.cli import configure_job, float_in, int_at_least, run_command
 
 
 logger = logging.getLogger("compare")
@@ -126,7 +126,7 @@ def write_results(results: list[dict], args, results_dir: Path) -> None:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    configure_logging(logger.name)
+    configure_job(logger.name)
     tokenizer_dir = shared_tokenizer(args)
     results = []
     start = time.perf_counter()

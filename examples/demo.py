@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pretrain
 import sft_summarization
-from configuration_rat.configuration_rat import PAPER_LAYER_PATTERNS
-from modeling_rat.training.cli import configure_logging, int_at_least, run_command
+from configuration_rat import PAPER_LAYER_PATTERNS
+from modeling_rat.training.cli import configure_job, int_at_least, run_command
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def stage_hub_folder(hub_upload: Path, merged_dir: Path, staging_dir: Path) -> d
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    configure_logging(logger.name)
+    configure_job(logger.name)
     budget = dict(QUICK if args.quick else FULL)
     if args.pretrain_steps is not None:
         budget["pretrain_steps"] = args.pretrain_steps

@@ -23,13 +23,12 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
-from configuration_rat.configuration_rat import PAPER_LAYER_PATTERNS, PRESET_SIZES
+from configuration_rat import PAPER_LAYER_PATTERNS, PRESET_SIZES
 from modeling_rat import RatConfig, RatForCausalLM
 from modeling_rat.training import (
     check_columns,
@@ -41,7 +40,7 @@ from modeling_rat.training import (
     train_resumably,
 )
 from modeling_rat.training.checkpoints import add_checkpoint_arguments, signals_held
-from modeling_rat.training.cli import configure_logging, float_in, int_at_least, prepare_output_dir, run_command
+from modeling_rat.training.cli import configure_job, float_in, int_at_least, prepare_output_dir, run_command
 from modeling_rat.training.launch import activation_checkpointing_argument, check_distribution, no_accelerator
 from modeling_rat.training.sources import load_dataset_dict, load_tokenizer
 
@@ -357,8 +356,7 @@ def run_pretraining(args) -> dict:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    configure_logging(logger.name)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure_job(logger.name)
     return run_pretraining(args)
 
 

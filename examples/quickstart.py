@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from configuration_rat.configuration_rat import PAPER_LAYER_PATTERNS, PRESET_SIZES
+from configuration_rat import PAPER_LAYER_PATTERNS, PRESET_SIZES
 from modeling_rat import RatConfig, RatForCausalLM, cache_nbytes
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from modeling_rat.training import (
     truncate_to_tokens,
 )
 from modeling_rat.training.checkpoints import add_checkpoint_arguments, signals_held
-from modeling_rat.training.cli import configure_logging, float_in, int_at_least, prepare_output_dir, run_command
+from modeling_rat.training.cli import configure_job, float_in, int_at_least, prepare_output_dir, run_command
 from modeling_rat.training.launch import activation_checkpointing_argument, check_distribution, no_accelerator
 from modeling_rat.training.sources import check_rat_model, load_dataset_dict, load_tokenizer
 
@@ -344,8 +343,7 @@ def run_sft(args) -> dict:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    configure_logging(logger.name)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure_job(logger.name)
     return run_sft(args)
 
 

@@ -35,7 +35,8 @@ def main(output_dir: Path) -> None:
     layer_types = ("rat", "sliding_attention", "rnn", "full_attention")
     model = tiny_model(layer_types, seed=0).train()
     reference = tiny_model(layer_types, seed=0).train()
-    wrapped = [module for module in model.modules() if type(module).__name__ == config["fsdp_transformer_layer_cls_to_wrap"]]
+    wrap_class = config["fsdp_transformer_layer_cls_to_wrap"]
+    wrapped = [module for module in model.modules() if type(module).__name__ == wrap_class]
     assert len(wrapped) == len(layer_types)
     for module in wrapped:
         fully_shard(module, reshard_after_forward=config["fsdp_reshard_after_forward"])
@@ -65,7 +66,8 @@ def main(output_dir: Path) -> None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         expected = reference.state_dict()
-        differences = {name: (full[name] - tensor).abs().max().item() for name, tensor in expected.items() if name in full}
+        differences = {name: (full[name] - tensor).abs().max().item()
+                       for name, tensor in expected.items() if name in full}
         assert set(full) <= set(expected) and len(full) >= len(expected) - 1  # the tied LM head may be left out
         reference.save_pretrained(output_dir / "reference")
         reference.save_pretrained(output_dir / "fsdp", state_dict=full)

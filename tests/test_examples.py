@@ -472,7 +472,8 @@ def test_cli_failure_is_one_line_and_nonzero_exit(tmp_path):
         env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"),
     )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == f"error: --dataset {tmp_path / 'empty.jsonl'}: a data file is empty (no rows)."
+    expected = f"error: --dataset {tmp_path / 'empty.jsonl'}: a data file is empty (no rows)."
+    assert result.stderr.strip().splitlines()[-1] == expected
     assert "Traceback" not in result.stderr
 
 

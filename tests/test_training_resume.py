@@ -187,7 +187,8 @@ def test_ctrl_c_while_a_checkpoint_is_written_stops_after_it_is_complete(tmp_pat
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is restored"
     checkpoint = latest_complete_checkpoint(tmp_path / "run")
     assert checkpoint.name == "checkpoint-3"
-    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= {p.name for p in checkpoint.iterdir()}
+    files = {path.name for path in checkpoint.iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"} <= files
 
     resumed = make_trainer(tmp_path / "run", layer_types, model_seed=1)
     train_resumably(resumed, str(checkpoint))

@@ -10,7 +10,8 @@ while saving (Ctrl-C, a scheduler's SIGTERM, a crash) therefore leaves a folder 
 * `CheckpointGuard`, a `TrainerCallback`, holds Ctrl-C and SIGTERM while a checkpoint is written and delivers them
   once it is complete (a second Ctrl-C stops at once), and removes the old `trainer_state.json` of a folder the
   Trainer is about to overwrite, so that a half-overwritten folder never looks complete;
-* `train_resumably` runs `trainer.train` with the guard and, when interrupted, says which checkpoint a rerun resumes.
+* `train_resumably` runs `trainer.train` with the guard, does not train past the planned steps when resuming a
+  finished run, and, when interrupted, says which checkpoint a rerun resumes.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ class _SignalHold:
             return
         self._what = what
         for number in self.SIGNALS:
+            if signal.getsignal(number) is signal.SIG_IGN:  # e.g. under nohup: the signal stays ignored
+                continue
             previous = signal.signal(number, self._receive)
             self._previous[number] = previous if previous is not None else signal.SIG_DFL
 

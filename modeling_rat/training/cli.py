@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -32,12 +33,17 @@ def _fail(message: str, status: int):
     sys.exit(status)
 
 
-def configure_logging(*names: str) -> None:
-    """Log lines with a time stamp: INFO from the loggers `names` and this package, WARNING from everything else
-    (libraries that log each call at INFO, such as rouge-score's "Using default tokenizer", stay quiet)."""
+def configure_job(*logger_names: str) -> None:
+    """
+    Set up the process for a training job: log lines with a time stamp, INFO from the loggers `logger_names` and
+    this package, WARNING from everything else (libraries that log each call at INFO, such as rouge-score's "Using
+    default tokenizer", stay quiet); tokenizers without their own threads (the jobs tokenize before data loaders
+    fork).
+    """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for name in (*names, "modeling_rat"):
+    for name in (*logger_names, "modeling_rat"):
         logging.getLogger(name).setLevel(logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def int_at_least(minimum: int):

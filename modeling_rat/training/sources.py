@@ -81,7 +81,9 @@ def load_tokenizer(name: str, option: str = "--tokenizer", **kwargs):
 
     path = check_location(name, option)
     if path is not None and not any((path / file).is_file() for file in TOKENIZER_FILES):
-        elsewhere = "name another tokenizer folder or Hub name" + ("" if option == "--tokenizer" else " with --tokenizer")
+        elsewhere = "name another tokenizer folder or Hub name"
+        if option != "--tokenizer":
+            elsewhere += " with --tokenizer"
         raise FileNotFoundError(
             f"{option} {name} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}). Save one into it with "
             f"`tokenizer.save_pretrained(folder)`, or {elsewhere}."
