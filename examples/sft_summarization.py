@@ -211,6 +211,32 @@ def format_rouge(scores: dict) -> str:
 # ================================================================================================== training
 
 
+def check_adapter_checkpoint(checkpoint: str, model_path: str, args) -> None:
+    """Refuse to resume a LoRA checkpoint trained on another base model or with other LoRA settings (the adapter would
+    load onto the wrong weights, or fail deep inside PEFT)."""
+    adapter_config = Path(checkpoint) / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise FileNotFoundError(f"Cannot resume from {checkpoint}: it holds no LoRA adapter (adapter_config.json), so "
+                                "it is not a checkpoint of this job.")
+    saved = json.loads(adapter_config.read_text())
+    checks = (("--model", saved.get("base_model_name_or_path"), model_path),
+              ("--lora-r", saved.get("r"), args.lora_r), ("--lora-alpha", saved.get("lora_alpha"), args.lora_alpha))
+    differences = [f"{option} {saved_value} (this command: {value})" for option, saved_value, value in checks
+                   if saved_value is not None and not _same_setting(saved_value, value)]
+    if differences:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: its adapter was trained with {'; '.join(differences)}. Rerun with "
+            "those options, or start fresh with --resume-from-checkpoint none (or another --output-dir)."
+        )
+
+
+def _same_setting(saved, value) -> bool:
+    """Equal, or two names of one local folder."""
+    if saved == value:
+        return True
+    return isinstance(value, str) and Path(value).exists() and Path(saved).resolve() == Path(value).resolve()
+
+
 def pretrain_default_base(args) -> str:
     import pretrain
 
@@ -274,6 +300,8 @@ def run_sft(args) -> dict:
     tokenizer = ensure_pad_token(load_tokenizer(args.tokenizer, trust_remote_code=True) if args.tokenizer else
                                  load_tokenizer(model_path, "--model", trust_remote_code=True))
     checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, sft_config.output_dir)
+    if checkpoint is not None:
+        check_adapter_checkpoint(checkpoint, model_path, args)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, trust_remote_code=True, dtype=torch.bfloat16 if args.bf16 else torch.float32
     )

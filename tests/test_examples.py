@@ -439,6 +439,25 @@ def test_sft_bad_input_is_one_error_line(case, bad_inputs, tmp_path, capsys):
     assert line.startswith("error: ") and message.format(bad=bad_inputs) in line, line
 
 
+@pytest.mark.parametrize("adapter, message", [
+    ({"base_model_name_or_path": "another/model", "r": 16, "lora_alpha": 32}, "--model another/model (this command:"),
+    (None, "it holds no LoRA adapter"),
+], ids=["another base model", "not an adapter checkpoint"])
+def test_sft_refuses_to_resume_an_adapter_of_another_run(adapter, message, pretrained, tmp_path, capsys):
+    """The adapter would load onto other weights without a word (same shapes), or fail inside PEFT."""
+    model_dir, _ = pretrained
+    checkpoint = tmp_path / "sft" / "trainer" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    if adapter is not None:
+        (checkpoint / "adapter_config.json").write_text(json.dumps(adapter))
+    line = cli_error(sft_summarization.main, ["--model", str(model_dir), "--lora-r", "8", "--max-steps", "4",
+                                              "--output-dir", str(tmp_path / "sft")], capsys)
+    assert f"Cannot resume from {checkpoint}" in line and message in line, line
+    if adapter is not None:
+        assert "--lora-r 16 (this command: 8)" in line and "--lora-alpha" not in line
+
+
 def test_sft_takes_the_tokenizer_from_its_own_option(bad_inputs, pretrained, summarization_dataset, tmp_path):
     """A model folder without a tokenizer works when --tokenizer names one."""
     tokenizer_dir, _ = pretrained
