@@ -5,8 +5,9 @@ rat-swa) with equal budgets (same data, tokenizer, tokens, steps, widths and dep
     python examples/compare_paper_models.py --max-steps 2000 --hidden-size 512 --num-layers 8 --block-size 1024
 
 Writes `paper_comparison.md` (table), `paper_comparison.png` (validation loss during training) and
-`paper_comparison.json` to `--results-dir`. With `--sft-steps N` each model is also LoRA-fine-tuned on the default
-code summarization task and its test ROUGE is added to the table.
+`paper_comparison.json` to `--results-dir`. Each model's run resumes from its checkpoints in `--work-dir`, so an
+interrupted comparison continues where it stopped. With `--sft-steps N` each model is also LoRA-fine-tuned on the
+default code summarization task and its test ROUGE is added to the table.
 """
 
 from __future__ import annotations
@@ -94,14 +95,16 @@ def write_results(results: list[dict], args, results_dir: Path) -> None:
     ]
     for r in results:
         pattern = "/".join(dict.fromkeys(r["layer_types"]))
+        wall_time = "resumed" if r.get("resumed_from") else f"{r['train_seconds']:.0f}"
         row = (f"| {r['model']} | {pattern} | {r['parameters']:,} ({r['non_embedding_parameters']:,}) | "
-               f"{r['eval_loss']:.4f} | {r['eval_perplexity']:.1f} | {r['train_seconds']:.0f} |")
+               f"{r['eval_loss']:.4f} | {r['eval_perplexity']:.1f} | {wall_time} |")
         if has_rouge:
             rouge = r.get("rouge")
             row += f" {rouge['rouge1']:.1f} / {rouge['rouge2']:.1f} / {rouge['rougeL']:.1f} |" if rouge else " - |"
         lines.append(row)
     lines += ["", "*Wall-clock training time of each run as it happened (one process, CPU threads shared with whatever else "
-              "ran on the machine): not a speed comparison; see the benchmark scripts for that."]
+              "ran on the machine; \"resumed\" for a run continued from a checkpoint of an earlier invocation): not a "
+              "speed comparison; see the benchmark scripts for that."]
     (results_dir / "paper_comparison.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib

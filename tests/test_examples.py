@@ -242,6 +242,18 @@ def test_compare_paper_models_writes_table_and_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_compare_table_marks_resumed_runs(tmp_path):
+    """A run continued from an earlier invocation's checkpoint has no meaningful wall time: the table says so."""
+    args = compare_paper_models.build_parser().parse_args([])
+    run = {"model": "rat", "layer_types": ["rat"], "parameters": 10, "non_embedding_parameters": 5, "eval_loss": 4.0,
+           "eval_perplexity": 54.6, "train_seconds": 12.3, "train_tokens": 100, "corpus": "c",
+           "eval_history": [{"step": 1, "eval_loss": 4.0}]}
+    resumed = dict(run, model="rnn", layer_types=["rnn"], train_seconds=0.2, resumed_from="work/rnn/checkpoint-4")
+    compare_paper_models.write_results([dict(run, resumed_from=None), resumed], args, tmp_path)
+    table = (tmp_path / "paper_comparison.md").read_text()
+    assert "| 4.0000 | 54.6 | 12 |" in table and "| 4.0000 | 54.6 | resumed |" in table
+
+
 # On CPU, `--multi_gpu` selects accelerate's multi-process (torchrun) launcher; the scripts pass `use_cpu=True` to the
 # Trainer on machines without an accelerator, so the processes join one gloo process group (`--cpu` would start a
 # single process).
