@@ -26,7 +26,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["configuration_rat", "modeling_rat", "modeling_rat.hub"],
+    packages=["configuration_rat", "modeling_rat", "modeling_rat.hub", "modeling_rat.training"],
     package_data={"modeling_rat.hub": ["model_card_template.md"]},
     py_modules=["hub_upload"],
     install_requires=[

@@ -199,7 +199,12 @@ def test_heads_load_with_trust_remote_code_where_the_package_is_missing(tmp_path
 
 
 class LastTokenParity(torch.utils.data.Dataset):
-    """A tiny task: is the last real token of a (left- or right-padded) row even? Labels 0/1."""
+    """
+    A tiny task: is the last real token of a (left- or right-padded) row even? Labels 0/1. The last token comes from
+    16 ids, so that the 256 training rows show each id's parity about 16 times: with 60 ids (4 rows each) the
+    LoRA-adapted model fits the training rows but reaches only 0.75 on held-out rows, a test of memory, not of the
+    head's pooling.
+    """
 
     def __init__(self, size, seed):
         generator = torch.Generator().manual_seed(seed)
@@ -207,6 +212,7 @@ class LastTokenParity(torch.utils.data.Dataset):
         for index in range(size):
             length = int(torch.randint(3, 12, (1,), generator=generator))
             row = torch.randint(1, 61, (length,), generator=generator)
+            row[-1] = int(torch.randint(1, 17, (1,), generator=generator))
             ids, mask = padded_batch([row], "left" if index % 2 else "right", length=12)
             self.examples.append({"input_ids": ids[0], "attention_mask": mask[0], "labels": int(row[-1]) % 2})
 
@@ -221,7 +227,7 @@ class LastTokenParity(torch.utils.data.Dataset):
 def test_lora_fine_tuning_through_trainer(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from modeling_rat.training_rat import lora_target_modules
+    from modeling_rat.training.lora import lora_target_modules
 
     def base_model():
         torch.manual_seed(0)
