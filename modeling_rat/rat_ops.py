@@ -300,6 +300,34 @@ def chunk_attention_mask(num_cached_chunks: torch.Tensor, num_cached: int, num_c
     return torch.cat([own, cached.expand(-1, num_chunks, -1), new[None].expand(rows, -1, -1)], dim=-1).unsqueeze(1)
 
 
+def contain_summary_faults(own_value, key_summaries, value_summaries, num_cached_chunks):
+    """
+    Keep a non-finite summary (a NaN or inf in some token) away from the queries that may not see it, whatever kernel
+    is given these inputs. Attention kernels multiply the summaries a query may not see by zero weights, and 0 * NaN is
+    NaN: the fault would reach earlier tokens. Non-finite summaries are replaced by zeros, and every query that may see
+    one gets a NaN own value, so that its output is NaN, as the single softmax of the SPEC makes it (kernels add the own
+    value with its weight, and w * NaN is NaN for any w; a NaN score would not do: fused kernels may turn a row of NaN
+    scores into zeros). Shapes as in `chunk_attention`; returns the three tensors to give the kernel instead.
+
+    Cost: a select over the summaries (1/L of the tokens) and one over the own values; no synchronisation.
+    """
+    num_chunks = own_value.shape[3]
+    num_cached = key_summaries.shape[2] - (num_chunks - 1)
+    faulty = ~(torch.isfinite(key_summaries).all(-1) & torch.isfinite(value_summaries).all(-1))  # (N, H, P + C - 1)
+    zero = torch.zeros((), dtype=key_summaries.dtype, device=key_summaries.device)
+    key_summaries = torch.where(faulty[..., None], zero, key_summaries)
+    value_summaries = torch.where(faulty[..., None], zero, value_summaries)
+    # Query chunk i sees the new summaries k < i, and the cached slots below its row's count.
+    new_faults_so_far = faulty[..., num_cached:].cumsum(-1) > 0
+    sees_fault = torch.cat([faulty.new_zeros(*faulty.shape[:2], 1), new_faults_so_far], dim=-1)  # (N, H, C)
+    if num_cached_chunks is not None:
+        cached_visible = torch.arange(num_cached, device=faulty.device)[None, :] < num_cached_chunks[:, None]
+        sees_fault = sees_fault | (faulty[..., :num_cached] & cached_visible[:, None, :]).any(-1, keepdim=True)
+    nan = torch.full((), float("nan"), dtype=own_value.dtype, device=own_value.device)
+    own_value = torch.where(sees_fault[:, None, :, :, None], nan, own_value)  # (N, L, H, C, d)
+    return own_value, key_summaries, value_summaries
+
+
 def chunk_attention(
     query: torch.Tensor,
     own_score: torch.Tensor,
@@ -317,7 +345,8 @@ def chunk_attention(
     slot `[0, 1]` (its score is then exactly `s_own`), and values get `[V, 0]` with the own slot `[0, 1]`, so the
     extra output coordinate is the own term's softmax weight `p_own` and `out = o[:d] + p_own * v_own` is exactly
     the single softmax over `{K_0..K_{c-1}} U {k_own}` of the SPEC. Zero coordinates pad the head size to a
-    multiple of 8. The fused SDPA kernels then do the blocked online softmax (forward and backward).
+    multiple of 8. The fused SDPA kernels then do the blocked online softmax (forward and backward). A NaN or inf
+    summary reaches only the queries that may see it (`contain_summary_faults`).
 
     Shapes (N independent rows, L tokens per chunk, H heads, C query chunks, d head size):
         query: (N, L, H, C, d), rotated by each token's chunk index.
@@ -331,6 +360,9 @@ def chunk_attention(
     num_rows, chunk_size, num_heads, num_chunks, head_dim = query.shape
     width = padded_head_dim(head_dim, query.device)
     dtype = query.dtype
+    own_value, key_summaries, value_summaries = contain_summary_faults(
+        own_value, key_summaries, value_summaries, num_cached_chunks
+    )
     # The L tokens of a chunk see the same keys: they become L query heads sharing one key/value head
     # (grouped-query attention), query head h * L + l for token l of head h.
     query_aug = torch.cat(
@@ -403,3 +435,39 @@ def sliding_window_attention(query, key, value, window: int, block_size: int | N
             )
         )
     return torch.cat(outputs, dim=2)
+
+
+def attention_containing_faults(query, key, value, attn_mask=None, sliding_window=None, query_valid=None):
+    """
+    Softmax attention of queries (B, H, T, d) over keys and values (B, H, K, d) in which a non-finite key or value (a
+    NaN or inf in some token) reaches only the queries that may see it. SDPA multiplies what a query may not see by zero
+    weights, and 0 * NaN is NaN: the fault would reach earlier tokens. Non-finite columns are replaced by zeros for the
+    call, and the output of every query that may see one is set to NaN after it, as plain attention gives it (fused
+    kernels may turn a row of NaN scores into zeros instead).
+
+    attn_mask: (B, 1, T, K) bool, which keys each query sees; None: causal attention over T = K tokens, within the last
+    `sliding_window` tokens when given (then computed block by block, `sliding_window_attention`). query_valid (B, T):
+    padding queries are never set to NaN (they may see anything, and would carry the fault into the padding of later
+    layers and of the cache).
+
+    Cost: reading the keys and values once more, a select on each and one on the output; no synchronisation.
+    """
+    faulty = ~(torch.isfinite(key).all(-1) & torch.isfinite(value).all(-1)).all(1)  # (B, K): in any head
+    zero = torch.zeros((), dtype=key.dtype, device=key.device)
+    key = torch.where(faulty[:, None, :, None], zero, key)
+    value = torch.where(faulty[:, None, :, None], zero, value)
+    if attn_mask is not None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+        sees_fault = (attn_mask[:, 0] & faulty[:, None, :]).any(-1)  # (B, T)
+    else:
+        faults_so_far = faulty.long().cumsum(-1)
+        if sliding_window is None:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+            sees_fault = faults_so_far > 0
+        else:
+            out = sliding_window_attention(query, key, value, sliding_window)
+            sees_fault = faults_so_far - F.pad(faults_so_far, (sliding_window, 0))[:, : faults_so_far.shape[1]] > 0
+    if query_valid is not None:
+        sees_fault = sees_fault & query_valid
+    nan = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
+    return torch.where(sees_fault[:, None, :, None], nan, out)
