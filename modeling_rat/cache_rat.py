@@ -300,6 +300,13 @@ class _RecurrentCacheMixin:
         return total
 
 
+def cache_dtype_error(cached: torch.dtype, computed: torch.dtype) -> str:
+    return (
+        f"This cache was filled in {cached} but the model now computes in {computed} (autocast switched on or off, or "
+        "the model converted, since then): continue in the dtype that filled it, or start from a new cache."
+    )
+
+
 def _carry_over_padding(per_column: torch.Tensor, valid: torch.Tensor, previous_state: torch.Tensor) -> torch.Tensor:
     """(B, T, S, D) state after each column, for rollback: a padding column repeats the state before it."""
     batch_size, seq_len = valid.shape
@@ -330,6 +337,8 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
         if self._prepare(geometry, batch_size, num_heads * head_dim, device):
             self.keys = torch.zeros(batch_size, num_heads, 0, head_dim, dtype=dtype, device=device)
             self.values = torch.zeros(batch_size, num_heads, 0, head_dim, dtype=dtype, device=device)
+        elif self.keys.dtype != dtype:
+            raise ValueError(cache_dtype_error(self.keys.dtype, dtype))
 
     def resume(self, rows: torch.Tensor) -> RatResumeState | None:
         if self.is_empty:
@@ -568,6 +577,7 @@ __all__ = [
     "RatStaticChunkCacheLayer",
     "RatStaticRecurrentCacheLayer",
     "adopt_cache_layers",
+    "cache_dtype_error",
     "cache_nbytes",
     "detach_cache",
     "holds_padding",

@@ -35,13 +35,14 @@ from .cache_rat import (
     RatChunkCacheLayer,
     RatRecurrentCacheLayer,
     adopt_cache_layers,
+    cache_dtype_error,
     cache_nbytes,
     detach_cache,
     holds_padding,
     note_padding,
 )
 from .rat_backends import RatBackend, select_rat_backend
-from .rat_layout import RatSequenceLayout
+from .rat_layout import RatSequenceLayout, require_integer_tensor
 from .rat_ops import apply_rotary, attention_containing_faults, rotary_cos_sin, tile_groups
 
 
@@ -330,23 +331,23 @@ class RatAttention(nn.Module):
                 layout.attention_mask_for(None, self.sliding_window)
             )
         else:
-            self._check_cache_layer(cache_layer, batch_size, layout.cached_columns)
-            if layout.key_valid is not None:  # padding enters the cache as zeros: decoding never meets a NaN there
-                keep = layout.valid[:, None, :, None]
+            self._check_cache_layer(cache_layer, batch_size, layout.cached_columns, key.dtype)
+            if layout.key_valid is not None:  # padding enters the cache as zeros, so that decoding never meets a NaN
+                keep = layout.valid[:, None, :, None]  # there (zero weights times NaN would be NaN)
                 key, value = torch.where(keep, key, 0.0), torch.where(keep, value, 0.0)
             key, value = cache_layer.update(key, value)
             total = layout.cached_columns + seq_len  # columns the cache holds now
             returned = key.shape[2]
             key_columns = max(total - returned, 0) + torch.arange(returned, device=key.device)
             mask = layout.attention_mask_for(key_columns, self.sliding_window)
-        if seq_len == 1:  # one query sees all it attends to; what it does not see is padding (zeros) or older
+        if seq_len == 1:  # decoding: the columns one query does not see are padding (cached as zeros) or older tokens
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None)
         else:  # a NaN or inf in one token reaches only the queries that see it; without a mask, sliding layers
             # attend in blocks of queries: O(T * window) time and memory instead of a T x T mask
             out = attention_containing_faults(query, key, value, mask, self.sliding_window, layout.valid)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
 
-    def _check_cache_layer(self, cache_layer, batch_size, cached_columns):
+    def _check_cache_layer(self, cache_layer, batch_size, cached_columns, dtype):
         kind = "sliding-window" if self.sliding_window is not None else "full"
         is_sliding = bool(getattr(cache_layer, "is_sliding", False))
         window = getattr(cache_layer, "sliding_window", None)
@@ -374,6 +375,8 @@ class RatAttention(nn.Module):
                     f"The cache of layer {self.layer_idx} holds {keys.shape[1]} heads of size {keys.shape[3]}, the model "
                     f"has {self.num_heads} of size {self.head_dim}: the cache belongs to another model."
                 )
+            if keys.dtype != dtype:
+                raise ValueError(cache_dtype_error(keys.dtype, dtype))
 
 
 MIXER_CLASSES = {
@@ -473,11 +476,7 @@ def validate_model_inputs(config, embed_tokens, input_ids, inputs_embeds, cache,
     if cache is not None and not isinstance(cache, Cache):
         raise TypeError(f"`cache` must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}.")
     if input_ids is not None:
-        if not torch.is_tensor(input_ids) or input_ids.is_floating_point() or input_ids.is_complex() or (
-            input_ids.dtype == torch.bool
-        ):
-            kind = input_ids.dtype if torch.is_tensor(input_ids) else type(input_ids).__name__
-            raise TypeError(f"`input_ids` must be an integer tensor of token ids, got {kind}.")
+        require_integer_tensor("input_ids", input_ids, "token ids")
         if input_ids.dim() != 2:
             raise ValueError(
                 f"`input_ids` must have shape (batch, tokens), got {tuple(input_ids.shape)}"
@@ -533,19 +532,17 @@ def validate_loss_inputs(labels, logits_to_keep, input_shape, vocab_size, loss_k
 
     Costs one read from the device per forward with labels (skipped while compiling).
     """
-    if isinstance(logits_to_keep, bool) or not (isinstance(logits_to_keep, int) or torch.is_tensor(logits_to_keep)):
-        raise TypeError(f"`logits_to_keep` must be an int or a tensor of token indices, got {logits_to_keep!r}.")
-    if isinstance(logits_to_keep, int) and logits_to_keep < 0:
-        raise ValueError(f"`logits_to_keep` must be >= 0 (the number of last tokens to keep, 0 for all), got {logits_to_keep}.")
     if torch.is_tensor(logits_to_keep):
-        if logits_to_keep.dim() != 1 or logits_to_keep.is_floating_point() or logits_to_keep.dtype == torch.bool:
-            raise ValueError(
-                f"A tensor `logits_to_keep` must be 1-D integer token indices, got {logits_to_keep.dtype} of shape "
-                f"{tuple(logits_to_keep.shape)}."
-            )
+        require_integer_tensor("logits_to_keep", logits_to_keep, "indices of tokens")
         seq_len = input_shape[1]
+        if logits_to_keep.dim() != 1:
+            raise ValueError(f"A tensor `logits_to_keep` must be 1-D (indices of tokens), got shape {tuple(logits_to_keep.shape)}.")
         if not torch.compiler.is_compiling() and bool(((logits_to_keep < -seq_len) | (logits_to_keep >= seq_len)).any()):
             raise ValueError(f"`logits_to_keep` holds indices outside the {seq_len} tokens of the input: {logits_to_keep.tolist()}.")
+    elif isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int):
+        raise TypeError(f"`logits_to_keep` must be an int or a tensor of indices of tokens, got {logits_to_keep!r}.")
+    elif logits_to_keep < 0:
+        raise ValueError(f"`logits_to_keep` must be >= 0 (the number of last tokens to keep, 0 for all), got {logits_to_keep}.")
     if labels is None:
         return
     if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
@@ -555,9 +552,7 @@ def validate_loss_inputs(labels, logits_to_keep, input_shape, vocab_size, loss_k
     if loss_kwargs.get("shift_labels") is not None:
         targets["shift_labels"] = loss_kwargs["shift_labels"]
     for name, tensor in targets.items():
-        if not torch.is_tensor(tensor) or tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-            kind = tensor.dtype if torch.is_tensor(tensor) else type(tensor).__name__
-            raise TypeError(f"`{name}` must be an integer tensor of token ids ({ignore_index} for ignored tokens), got {kind}.")
+        require_integer_tensor(name, tensor, f"token ids, {ignore_index} for ignored tokens")
         if tuple(tensor.shape) != tuple(input_shape):
             raise ValueError(
                 f"`{name}` has shape {tuple(tensor.shape)} but the input has shape {tuple(input_shape)}: give one label per "

@@ -68,7 +68,7 @@ class RatSequenceLayout:
         if attention_mask is not None:
             key_valid = _padding_mask(attention_mask, batch_size, total, cached_columns, seq_len, device, checks)
             if continues_given_cache:
-                _check_rows_can_be_continued(key_valid, checks, position_ids is not None)
+                _refuse_right_padding(key_valid, checks)
         elif cache_has_padding:
             raise ValueError(
                 "The cache holds a padded batch: pass the full `attention_mask` (past and new tokens) with every call, as "
@@ -265,24 +265,17 @@ def _mask_values_error(mask: torch.Tensor) -> ValueError:
     )
 
 
-def _check_rows_can_be_continued(key_valid: torch.Tensor, checks, positions_given: bool):
+def _refuse_right_padding(key_valid: torch.Tensor, checks):
     """
     A batch fed into a given cache is continued after its last column (generate() samples the next token from the
     logits there and appends it). A right-padded row cannot be: its next token would follow the padding, generate()
     would read the logits of a padding column, and a sliding-window cache keeps the last columns, padding included,
-    so real tokens would leave the window too early. A row with no real token has nothing to continue when generate()
-    feeds it (position ids given); without them it may be the padding of a left-padded batch fed in pieces.
+    so real tokens would leave the window too early.
     """
     padding_after_token = (key_valid[:, :-1] & ~key_valid[:, 1:]).any(1)
-    cannot_continue = (padding_after_token | ~key_valid.any(1)) if positions_given else padding_after_token
 
     def error():
-        row = int(cannot_continue.nonzero()[0, 0])
-        if not bool(key_valid[row].any()):
-            return ValueError(
-                f"Row {row} of `attention_mask` has no real token (all zeros: an empty prompt?): there is nothing to "
-                "continue from. Give every row at least one token (e.g. the BOS token)."
-            )
+        row = int(padding_after_token.nonzero()[0, 0])
         return ValueError(
             f"Row {row} of `attention_mask` has padding after its real tokens (right padding), and the batch is fed into "
             "a given cache, to be continued: its next tokens would follow the padding (generate() would read the "
@@ -290,15 +283,19 @@ def _check_rows_can_be_continued(key_valid: torch.Tensor, checks, positions_give
             "caches."
         )
 
-    checks.fail_if(cannot_continue.any(), error)
+    checks.fail_if(padding_after_token.any(), error)
+
+
+def require_integer_tensor(name: str, value, meaning: str):
+    """Raise a TypeError unless `value` is a tensor of integers (booleans are not): ids, positions, indices."""
+    if torch.is_tensor(value) and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        return
+    kind = value.dtype if torch.is_tensor(value) else type(value).__name__
+    raise TypeError(f"`{name}` must be an integer tensor ({meaning}), got {kind}.")
 
 
 def _check_position_ids(position_ids, valid, batch_size, seq_len, device, checks) -> torch.Tensor:
-    if not torch.is_tensor(position_ids) or position_ids.is_floating_point() or position_ids.is_complex() or (
-        position_ids.dtype == torch.bool
-    ):
-        kind = position_ids.dtype if torch.is_tensor(position_ids) else type(position_ids).__name__
-        raise TypeError(f"`position_ids` must be an integer tensor (positions are token counts), got {kind}.")
+    require_integer_tensor("position_ids", position_ids, "positions are token counts")
     positions = position_ids.to(device=device, dtype=torch.long)
     if positions.dim() == 1:
         positions = positions.unsqueeze(0)
@@ -341,6 +338,12 @@ def _check_continuation(positions, valid, cached_tokens, checks):
     def error():
         row = int(bad.nonzero()[0, 0])
         expected, given = int(cached_tokens[row]), int(first_position[row])
+        if expected == 0:  # generate() numbers the first new token of an all-padding prompt 1
+            return ValueError(
+                f"Row {row} has no real token before this one (its `attention_mask` is all zeros there: an empty "
+                f"prompt?), so its next position is 0, but `position_ids` give {given}. Give every prompt at least one "
+                "token (e.g. the BOS token)."
+            )
         return ValueError(
             f"Row {row} continues a cache holding {expected} tokens, so its next position is {expected}, but "
             f"`position_ids` give {given}. Omit `position_ids` (they are derived from the attention mask) or make them "
