@@ -300,8 +300,9 @@ class _RecurrentCacheMixin:
         return total
 
 
-def cache_dtype_error(cached: torch.dtype, computed: torch.dtype) -> str:
-    return (
+def cache_dtype_error(cached: torch.dtype, computed: torch.dtype) -> ValueError:
+    """The error for a cache continued in another dtype than the one that filled it."""
+    return ValueError(
         f"This cache was filled in {cached} but the model now computes in {computed} (autocast switched on or off, or "
         "the model converted, since then): continue in the dtype that filled it, or start from a new cache."
     )
@@ -338,7 +339,7 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
             self.keys = torch.zeros(batch_size, num_heads, 0, head_dim, dtype=dtype, device=device)
             self.values = torch.zeros(batch_size, num_heads, 0, head_dim, dtype=dtype, device=device)
         elif self.keys.dtype != dtype:
-            raise ValueError(cache_dtype_error(self.keys.dtype, dtype))
+            raise cache_dtype_error(self.keys.dtype, dtype)
 
     def resume(self, rows: torch.Tensor) -> RatResumeState | None:
         if self.is_empty:
@@ -392,7 +393,7 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
         super().crop(tokens_to_remove)
         if self.is_initialized and self.keys.shape[2]:
             slots = torch.arange(self.keys.shape[2], device=self.keys.device)
-            stale = (slots[None, :] >= torch.div(self.num_tokens, self.chunk_size, rounding_mode="floor")[:, None])
+            stale = slots[None, :] >= torch.div(self.num_tokens, self.chunk_size, rounding_mode="floor")[:, None]
             self.keys.masked_fill_(stale[:, None, :, None], 0)
             self.values.masked_fill_(stale[:, None, :, None], 0)
 

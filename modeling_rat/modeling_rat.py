@@ -376,7 +376,7 @@ class RatAttention(nn.Module):
                     f"has {self.num_heads} of size {self.head_dim}: the cache belongs to another model."
                 )
             if keys.dtype != dtype:
-                raise ValueError(cache_dtype_error(keys.dtype, dtype))
+                raise cache_dtype_error(keys.dtype, dtype)
 
 
 MIXER_CLASSES = {
@@ -509,10 +509,10 @@ def validate_model_inputs(config, embed_tokens, input_ids, inputs_embeds, cache,
             "at least one new token to forward()."
         )
     if input_ids is not None and not torch.compiler.is_compiling():
-        out_of_range = (input_ids < 0) | (input_ids >= config.vocab_size)
-        if bool(out_of_range.any()):
+        smallest, largest = torch.stack(torch.aminmax(input_ids)).tolist()
+        if smallest < 0 or largest >= config.vocab_size:
             raise ValueError(
-                f"`input_ids` holds the id {int(input_ids[out_of_range][0])}, outside the vocabulary [0, "
+                f"`input_ids` holds the id {smallest if smallest < 0 else largest}, outside the vocabulary [0, "
                 f"{config.vocab_size}): ids must come from this model's tokenizer (is `vocab_size` right?)."
             )
 

@@ -98,15 +98,18 @@ class RatSequenceLayout:
             if cached_columns == 0 and key_valid is None:
                 key_positions = positions
         positions = torch.where(valid, positions, torch.zeros_like(positions))
-        if key_valid is not None and checks.enabled:
-            facts["has_padding"] = ~key_valid.all()
+        if key_valid is not None and checks.enabled and not cache_has_padding:
+            facts["all_valid"] = key_valid.all()
         if position_ids is not None and cached_columns == 0 and checks.enabled:
             facts["positions_are_columns"] = (positions == torch.arange(seq_len, device=device)).all()
         facts = checks.read(facts)
         packed = facts.get("packed", False)
         if packed and cached_columns:
             raise ValueError("Packed sequences (positions restarting inside a row) cannot continue a cache.")
-        has_padding = facts.get("has_padding", False if key_valid is None else None)  # None: unknown (compiling)
+        if key_valid is None or "all_valid" in facts:
+            has_padding = key_valid is not None and not facts["all_valid"]
+        else:  # known from the cache, or unknown while compiling
+            has_padding = True if cache_has_padding else None
         columns_are_positions = (
             cached_columns == 0 and checks.enabled and has_padding is False and facts.get("positions_are_columns", True)
         )
@@ -203,7 +206,7 @@ class _DeviceChecks:
         tensors = [failed for failed, _ in self._failures] + list(facts.values())
         if not tensors:
             return {}
-        values = torch.stack([tensor.reshape(()).to(tensors[0].device) for tensor in tensors]).tolist()
+        values = torch.stack(tensors).tolist()
         for failed, (_, error) in zip(values, self._failures):
             if failed:
                 raise error()
@@ -238,7 +241,9 @@ def _padding_mask(attention_mask, batch_size, total, cached_columns, seq_len, de
     key_valid = attention_mask.to(device=device, dtype=torch.bool)
     if attention_mask.dtype != torch.bool:
         mask = attention_mask.to(device)
-        checks.fail_if(((mask != 0) & (mask != 1)).any(), lambda: _mask_values_error(mask))
+        # integers: 0 and 1 have no bit above the lowest; floats: 0 and 1 are the values equal to their boolean
+        not_zero_one = (mask & -2) if not mask.is_floating_point() else (mask != key_valid)
+        checks.fail_if(not_zero_one.any(), lambda: _mask_values_error(mask))
     if attention_mask.is_floating_point():  # zeros only: all padding, or an additive mask without padding?
         checks.fail_if(
             ~key_valid.any(),
@@ -272,10 +277,10 @@ def _refuse_right_padding(key_valid: torch.Tensor, checks):
     would read the logits of a padding column, and a sliding-window cache keeps the last columns, padding included,
     so real tokens would leave the window too early.
     """
-    padding_after_token = (key_valid[:, :-1] & ~key_valid[:, 1:]).any(1)
+    padding_after_token = key_valid[:, :-1] > key_valid[:, 1:]  # a real token, then padding
 
     def error():
-        row = int(padding_after_token.nonzero()[0, 0])
+        row = int(padding_after_token.any(1).nonzero()[0, 0])
         return ValueError(
             f"Row {row} of `attention_mask` has padding after its real tokens (right padding), and the batch is fed into "
             "a given cache, to be continued: its next tokens would follow the padding (generate() would read the "

@@ -108,6 +108,9 @@ MASK_CASES = {
     "additive 0/-inf": (lambda mask: torch.zeros(mask.shape).masked_fill(mask == 0, float("-inf")), ValueError, "additive mask.*\\(mask == 0\\)"),
     "additive 0/min": (lambda mask: torch.zeros(mask.shape).masked_fill(mask == 0, torch.finfo(torch.float32).min), ValueError, "additive mask"),
     "values 0/2": (lambda mask: mask * 2, ValueError, "must hold 1 for real tokens and 0 for padding, but it holds 2"),
+    "uint8 0/255": (lambda mask: (mask * 255).to(torch.uint8), ValueError, "but it holds 255"),
+    "values 0/-1": (lambda mask: -mask, ValueError, "but it holds -1: this looks like an additive mask"),
+    "values 0/0.5": (lambda mask: mask * 0.5, ValueError, "but it holds 0.5"),
     "a NaN": (lambda mask: mask.float().masked_fill(mask == 0, float("nan")), ValueError, "but it holds nan"),
     "float zeros only": (lambda mask: torch.zeros(mask.shape), ValueError, "zeros only.*torch.ones_like"),
     "complex": (lambda mask: mask.to(torch.complex64), TypeError, "must hold 0 and 1"),
@@ -124,7 +127,7 @@ def test_masks_that_are_not_zero_one_are_refused(case):
         model_for("rat+full")(random_ids(2, 7), attention_mask=make_mask(mask))
 
 
-@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int32, torch.float16, torch.float32])
 def test_zero_one_masks_of_any_dtype_give_the_same_logits(dtype):
     model = model_for("rat+full")
     ids, mask = random_ids(2, 7), padded_mask([7, 4], 7)
