@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -38,8 +37,6 @@ import torch
 
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 if not torch.cuda.is_available():
     # Without a GPU the Triton kernels can only run under Triton's interpreter, which must be chosen before the
@@ -413,16 +410,16 @@ def bench_decode(config, mixers, batch, context, device, dtype, args, attention_
 
     completed = torch.full((batch,), context // config.chunk_size, device=device)
     summaries = prefilled.keys[:, :, : context // config.chunk_size], prefilled.values[:, :, : context // config.chunk_size]
-    query = torch.randn(batch, 1, heads, 1, head_dim, device=device, dtype=dtype)
-    own_score = torch.randn(batch, 1, heads, 1, device=device)
-    own_value = torch.randn(batch, 1, heads, 1, head_dim, device=device, dtype=dtype)
+    query = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
+    own_score = torch.randn(batch, heads, device=device)
+    own_value = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
     scale = 1 / math.sqrt(head_dim)
 
     def rat_core():
         with torch.no_grad():
-            return rat_triton.chunk_attention(query, own_score, own_value, *summaries, completed, scale)
+            return rat_triton.decode_attention(query, own_score, own_value, *summaries, completed, scale)
 
-    query_heads = query[:, 0, :, :, :]  # (B, H, 1, d)
+    query_heads = query[:, :, None, :]  # (B, H, 1, d)
 
     def attention_core():
         with torch.no_grad(), sdpa_backends(attention_backends):

@@ -15,8 +15,6 @@ are copied next to saved weights, so that `trust_remote_code=True` loading needs
 """
 
 import math
-import sys
-from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
@@ -46,16 +44,10 @@ from .rat_layout import RatSequenceLayout, require_integer_tensor
 from .rat_ops import apply_rotary, attention_containing_faults, rotary_cos_sin, tile_groups
 
 
-try:  # inside a remote-code folder the configuration is a sibling file
-    from .configuration_rat import RatConfig
-except ImportError:  # installed package
-    from configuration_rat import RatConfig
+from .configuration_rat import RatConfig
 
 
 logger = logging.get_logger(__name__)
-
-# The folder of this file and its sibling modules: the code bundled next to the weights of every saved model.
-MODEL_CODE_DIRECTORY = Path(__file__).resolve().parent
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`.
 CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -416,17 +408,27 @@ class RatPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _is_stateful = False  # the cache rolls back exactly (see cache_rat.py), so assisted decoding works
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """
-        `PreTrainedModel.save_pretrained`, with the code of this very model (this file and its sibling modules)
-        bundled beside the weights, so that the folder loads with `trust_remote_code=True` without this package. This
-        holds for a model that was itself loaded with remote code: its bundle is taken from the folder it was loaded
-        from, which is not the folder of its configuration's code in transformers' module cache.
-        """
-        config_module = sys.modules.get(type(self.config).__module__)
-        bundle_code_from = getattr(config_module, "bundle_code_from", None)
-        with bundle_code_from(MODEL_CODE_DIRECTORY) if bundle_code_from is not None else nullcontext():
-            return super().save_pretrained(save_directory, *args, **kwargs)
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a safetensors weight file that cannot be read is named in the error."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            damaged = []
+            if pretrained_model_name_or_path is not None and Path(pretrained_model_name_or_path).is_dir():
+                for path in sorted(Path(pretrained_model_name_or_path).glob("*.safetensors")):
+                    try:
+                        with safe_open(path, framework="pt"):
+                            pass
+                    except SafetensorError:
+                        damaged.append(str(path))
+            where = ", ".join(damaged) or f"a safetensors weight file of {pretrained_model_name_or_path}"
+            raise OSError(
+                f"{where} cannot be read ({error}): it is truncated or not a safetensors file. Save the model again, or "
+                "download it again (`force_download=True`)."
+            ) from error
 
     @torch.no_grad()
     def _init_weights(self, module):

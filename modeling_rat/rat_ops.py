@@ -166,21 +166,15 @@ class GatedChunkScan(torch.autograd.Function):
         return grad_gates, grad_value, grad_key, grad_initial if ctx.needs_input_grad[3] else None
 
 
-def gated_chunk_scan(gates, value, key, initial_state=None, scan=None):
+def gated_chunk_scan(gates, value, key, initial_state=None):
     """
     States of the RAT recurrence on a grid of chunks: gates (N, C, L, D) the forget gate f; value (N, C, L, D);
     key (N, C, L, G*d), tiled over the heads; returns (N, C, L, 2, D) fp32, [value, key] running sums.
-    `scan`: another `chunk_scan` implementation (e.g. the Triton kernel), fed the gated inputs.
     """
     dtype = torch.promote_types(value.dtype, torch.float32)
     gates, value, key = gates.to(dtype).contiguous(), value.to(dtype).contiguous(), key.to(dtype).contiguous()
     if initial_state is not None:
         initial_state = initial_state.to(dtype).contiguous()
-    if scan is not None:
-        copies = value.shape[-1] // key.shape[-1]
-        input_gate = 1 - gates
-        inputs = torch.stack([input_gate * value, (input_gate.unflatten(-1, (copies, -1)) * key.unsqueeze(-2)).flatten(-2)], dim=-2)
-        return scan(gates, inputs, initial_state)
     return GatedChunkScan.apply(gates, value, key, initial_state)
 
 
@@ -195,14 +189,16 @@ def chunk_scan(gates: torch.Tensor, inputs: torch.Tensor, initial_state: torch.T
 
 
 def linear_recurrence(
-    gates: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None = None, block_size: int = 64
+    gates: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None = None, block_size: int = 64, scan=None
 ) -> torch.Tensor:
     """
     `h_t = gates_t * h_{t-1} + inputs_t` along whole rows (dim 1), from `initial_state` (or zero).
     gates: (N, T, F); inputs: (N, T, S, F); initial_state: (N, S, F). Two levels of `chunk_scan`: inside blocks of
     `block_size` tokens from zero, then the carries between blocks, then each block's share of its carry (the
     product of its gates so far, itself a scan), so the Python loops run O(T / block + block) steps, not T.
+    `scan`: the chunk scan to use (`chunk_scan` by default; the Triton backend passes its kernel).
     """
+    scan = scan or chunk_scan
     num_rows, seq_len = gates.shape[:2]
     padded_len = -(-seq_len // block_size) * block_size
     if padded_len != seq_len:  # padding: gate 1, input 0 leaves the state unchanged
@@ -212,11 +208,11 @@ def linear_recurrence(
     feature_shape = inputs.shape[2:]
     block_gates = gates.reshape(num_rows, num_blocks, block_size, -1)
     block_inputs = inputs.reshape(num_rows, num_blocks, block_size, *feature_shape)
-    local = chunk_scan(block_gates, block_inputs)  # each block from zero
+    local = scan(block_gates, block_inputs)  # each block from zero
     # Product of the gates since the block start (how much of the incoming state survives).
-    decay = _cumulative_gate_product(block_gates)
+    decay = _cumulative_gate_product(block_gates, scan)
     # Carries: state at the end of block j = decay_end_j * state_end_{j-1} + local_end_j.
-    carries = chunk_scan(
+    carries = scan(
         decay[:, :, -1].unsqueeze(1), local[:, :, -1].unsqueeze(1), initial_state
     ).squeeze(1)  # (N, num_blocks, S, F): state at the end of every block
     incoming = torch.cat(
@@ -230,7 +226,7 @@ def linear_recurrence(
     return states.reshape(num_rows, padded_len, *feature_shape)[:, :seq_len]
 
 
-def _cumulative_gate_product(block_gates: torch.Tensor) -> torch.Tensor:
+def _cumulative_gate_product(block_gates: torch.Tensor, scan) -> torch.Tensor:
     """Running product of the gates inside each block (N, C, L, F), as a chunk scan from state 1 with input 0."""
     ones = torch.ones_like(block_gates[:, :, 0]).unsqueeze(-2)  # (N, C, 1, F)
     zeros = torch.zeros_like(block_gates).unsqueeze(-2)
@@ -239,7 +235,7 @@ def _cumulative_gate_product(block_gates: torch.Tensor) -> torch.Tensor:
     flat_gates = block_gates.reshape(num_rows * num_blocks, 1, *block_gates.shape[2:])
     flat_zeros = zeros.reshape(num_rows * num_blocks, 1, *zeros.shape[2:])
     flat_ones = ones.reshape(num_rows * num_blocks, *ones.shape[2:])
-    product = chunk_scan(flat_gates, flat_zeros, flat_ones)
+    product = scan(flat_gates, flat_zeros, flat_ones)
     return product.reshape(num_rows, num_blocks, *block_gates.shape[2:])
 
 
