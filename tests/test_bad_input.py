@@ -378,18 +378,12 @@ FAULT_PATTERNS = {  # layer types, whether RAT backends matter
     "sliding": (["sliding_attention", "sliding_attention"], False),  # 13 tokens > 2 windows: attended block by block
     "rat+sliding": (["rat", "sliding_attention"], True),
 }
-TRITON_KERNEL_LEAK = (
-    "rat_triton's blocked chunk-attention kernel multiplies the zero weights of summaries a query may not see by "
-    "those summaries (0 * NaN): it must be given the inputs of rat_ops.contain_summary_faults"
-)
 
 
-def fault_cases(chunk_attention_leaks_in_triton=True):
+def fault_cases():
     for pattern, (layer_types, has_rat) in FAULT_PATTERNS.items():
         for backend in ("reference", "fast", "triton") if has_rat else ("fast",):
             marks = [pytest.mark.triton] if backend == "triton" else []
-            if backend == "triton" and "rat" in layer_types and chunk_attention_leaks_in_triton:
-                marks.append(pytest.mark.xfail(strict=True, reason=TRITON_KERNEL_LEAK))
             yield pytest.param(pattern, backend, marks=marks, id=f"{pattern}-{backend}")
 
 
@@ -465,7 +459,7 @@ def test_a_fault_never_reaches_earlier_tokens_through_the_cache(pattern, backend
     assert torch.isnan(faulty[0, 11:]).all()
 
 
-@pytest.mark.parametrize("pattern, backend", fault_cases(chunk_attention_leaks_in_triton=False))
+@pytest.mark.parametrize("pattern, backend", fault_cases())
 def test_a_fault_in_rolled_back_tokens_does_not_survive_the_rollback(pattern, backend):
     """Assisted decoding rolls back rejected draft tokens; one of them with a NaN (here the token completing a chunk,
     whose summary the cache wrote) must leave no trace in the tokens fed after the rollback."""
