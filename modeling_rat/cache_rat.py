@@ -300,6 +300,14 @@ class _RecurrentCacheMixin:
         return total
 
 
+def cache_dtype_error(cached: torch.dtype, computed: torch.dtype) -> ValueError:
+    """The error for a cache continued in another dtype than the one that filled it."""
+    return ValueError(
+        f"This cache was filled in {cached} but the model now computes in {computed} (autocast switched on or off, or "
+        "the model converted, since then): continue in the dtype that filled it, or start from a new cache."
+    )
+
+
 def _carry_over_padding(per_column: torch.Tensor, valid: torch.Tensor, previous_state: torch.Tensor) -> torch.Tensor:
     """(B, T, S, D) state after each column, for rollback: a padding column repeats the state before it."""
     batch_size, seq_len = valid.shape
@@ -330,6 +338,8 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
         if self._prepare(geometry, batch_size, num_heads * head_dim, device):
             self.keys = torch.zeros(batch_size, num_heads, 0, head_dim, dtype=dtype, device=device)
             self.values = torch.zeros(batch_size, num_heads, 0, head_dim, dtype=dtype, device=device)
+        elif self.keys.dtype != dtype:
+            raise cache_dtype_error(self.keys.dtype, dtype)
 
     def resume(self, rows: torch.Tensor) -> RatResumeState | None:
         if self.is_empty:
@@ -383,6 +393,19 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
             torch.where(completes, key_summary.to(self.keys.dtype), self.keys[rows, :, slot]),
             torch.where(completes, value_summary.to(self.values.dtype), self.values[rows, :, slot]),
         )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """
+        Roll back as `_RecurrentCacheMixin.crop` does, then clear the summaries of the chunks rolled back. Slots beyond
+        a row's count of valid summaries always hold zeros: attention gives them weight zero, and 0 * NaN would carry a
+        fault of a discarded token (a rejected draft) into the tokens that follow.
+        """
+        super().crop(tokens_to_remove)
+        if self.is_initialized and self.keys.shape[2]:
+            slots = torch.arange(self.keys.shape[2], device=self.keys.device)
+            stale = slots[None, :] >= torch.div(self.num_tokens, self.chunk_size, rounding_mode="floor")[:, None]
+            self.keys.masked_fill_(stale[:, None, :, None], 0)
+            self.values.masked_fill_(stale[:, None, :, None], 0)
 
     def reserve(self, num_new_columns: int):
         """Grow the summary buffers so that `num_new_columns` more columns fit: one slot per chunk they complete."""
@@ -522,10 +545,24 @@ _OWN_CLASSES = {
 }
 
 
-def note_padding(cache, key_valid: torch.Tensor | None) -> None:
+def note_padding(cache, has_padding: bool | None) -> None:
     """Remember that `cache` now holds padding (rows of a padded batch), so that later calls must bring the mask."""
-    if key_valid is not None and not torch.compiler.is_compiling() and not bool(key_valid.all()):
+    if has_padding:
         cache.rat_holds_padding = True
+
+
+def detach_cache(cache) -> None:
+    """
+    Keep only the values of what attention layers stored (transformers' layers store the autograd graph with them when
+    gradients are on; RAT and rnn layers store detached tensors): a cache is state, not part of a graph, so that it can
+    be copied (`copy.deepcopy`) and does not keep a forward's activations alive. The gradients of the forward that filled
+    it are unchanged. Reads only `requires_grad` flags (nothing on the device).
+    """
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if torch.is_tensor(tensor) and tensor.requires_grad:
+                setattr(layer, name, tensor.detach())
 
 
 def holds_padding(cache) -> bool:
@@ -551,7 +588,9 @@ __all__ = [
     "RatStaticChunkCacheLayer",
     "RatStaticRecurrentCacheLayer",
     "adopt_cache_layers",
+    "cache_dtype_error",
     "cache_nbytes",
+    "detach_cache",
     "holds_padding",
     "note_padding",
 ]

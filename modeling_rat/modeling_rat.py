@@ -43,13 +43,15 @@ from .cache_rat import (
     RatChunkCacheLayer,
     RatRecurrentCacheLayer,
     adopt_cache_layers,
+    cache_dtype_error,
     cache_nbytes,
+    detach_cache,
     holds_padding,
     note_padding,
 )
 from .rat_backends import RatBackend, select_rat_backend
-from .rat_layout import RatSequenceLayout
-from .rat_ops import apply_rotary, rotary_cos_sin, sliding_window_attention, tile_groups
+from .rat_layout import RatSequenceLayout, require_integer_tensor
+from .rat_ops import apply_rotary, attention_containing_faults, rotary_cos_sin, tile_groups
 
 
 from .configuration_rat import RatConfig
@@ -351,7 +353,10 @@ class RatAttention(nn.Module):
                 layout.attention_mask_for(None, self.sliding_window)
             )
         else:
-            self._check_cache_layer(cache_layer, batch_size, layout.cached_columns)
+            self._check_cache_layer(cache_layer, batch_size, layout.cached_columns, key.dtype)
+            if layout.key_valid is not None:  # padding enters the cache as zeros, so that decoding never meets a NaN
+                keep = layout.valid[:, None, :, None]  # there (zero weights times NaN would be NaN)
+                key, value = torch.where(keep, key, 0.0), torch.where(keep, value, 0.0)
             key, value = cache_layer.update(key, value)
             total = layout.cached_columns + seq_len  # columns the cache holds now
             returned = key.shape[2]
@@ -360,16 +365,14 @@ class RatAttention(nn.Module):
             first_column = first_column.clamp(min=0) if torch.is_tensor(first_column) else max(first_column, 0)
             key_columns = first_column + torch.arange(returned, device=key.device)
             mask = layout.attention_mask_for(key_columns, self.sliding_window)
-        long_window_prefill = (
-            self.sliding_window is not None and layout.columns_are_positions and key.shape[2] == seq_len and seq_len > 2 * self.sliding_window
-        )
-        if long_window_prefill:  # blocks of queries: O(T * window) time and memory instead of a T x T mask
-            out = sliding_window_attention(query, key, value, self.sliding_window)
-        else:
+        if seq_len == 1:  # decoding: the columns one query does not see are padding (cached as zeros) or older tokens
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None)
+        else:  # a NaN or inf in one token reaches only the queries that see it; without a mask, sliding layers
+            # attend in blocks of queries: O(T * window) time and memory instead of a T x T mask
+            out = attention_containing_faults(query, key, value, mask, self.sliding_window, layout.valid)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
 
-    def _check_cache_layer(self, cache_layer, batch_size, cached_columns):
+    def _check_cache_layer(self, cache_layer, batch_size, cached_columns, dtype):
         kind = "sliding-window" if self.sliding_window is not None else "full"
         is_sliding = bool(getattr(cache_layer, "is_sliding", False))
         window = getattr(cache_layer, "sliding_window", None)
@@ -399,6 +402,8 @@ class RatAttention(nn.Module):
                     f"The cache of layer {self.layer_idx} holds {keys.shape[1]} heads of size {keys.shape[3]}, the model "
                     f"has {self.num_heads} of size {self.head_dim}: the cache belongs to another model."
                 )
+            if keys.dtype != dtype:
+                raise cache_dtype_error(keys.dtype, dtype)
 
 
 MIXER_CLASSES = {
@@ -495,6 +500,129 @@ class RatPreTrainedModel(PreTrainedModel):
                 module.forget_gate_bias.copy_(bias)
 
 
+def validate_model_inputs(config, embed_tokens, input_ids, inputs_embeds, cache, output_attentions):
+    """
+    Refuse what `RatModel` cannot run correctly, with a message that says what to change. The attention mask and the
+    position ids are checked where they are read (`RatSequenceLayout.build`), the labels by `validate_loss_inputs`.
+
+    * exactly one of `input_ids`, integer ids of shape (batch, tokens) in [0, vocab_size), and `inputs_embeds`, a
+      floating (batch, tokens, hidden_size) tensor in the embedding's dtype (any floating dtype under autocast);
+    * at least one row and one new token; `cache` a transformers `Cache`; no `output_attentions`.
+
+    The id range costs one comparison over the ids and one read from the device per forward, skipped while compiling;
+    the rest reads only shapes and types.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+    if output_attentions:
+        raise ValueError("RAT models do not return attention weights (RAT layers attend to chunk summaries).")
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(f"`cache` must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}.")
+    if input_ids is not None:
+        require_integer_tensor("input_ids", input_ids, "token ids")
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"`input_ids` must have shape (batch, tokens), got {tuple(input_ids.shape)}"
+                + (": add the batch dimension with `input_ids[None]`." if input_ids.dim() == 1 else ".")
+            )
+        shape = tuple(input_ids.shape)
+    else:
+        if not torch.is_tensor(inputs_embeds) or not inputs_embeds.is_floating_point():
+            kind = inputs_embeds.dtype if torch.is_tensor(inputs_embeds) else type(inputs_embeds).__name__
+            raise TypeError(f"`inputs_embeds` must be a floating-point tensor, got {kind}.")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, tokens, {config.hidden_size}) (the model's hidden size), got "
+                f"{tuple(inputs_embeds.shape)}."
+            )
+        model_dtype = embed_tokens.weight.dtype
+        if inputs_embeds.dtype != model_dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+            raise TypeError(
+                f"`inputs_embeds` are {inputs_embeds.dtype} but the model computes in {model_dtype}: pass "
+                "`inputs_embeds.to(model.dtype)` (or run under torch.autocast)."
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+    if shape[0] == 0:
+        raise ValueError("The input has no rows (batch size 0): pass at least one sequence.")
+    if shape[1] == 0:
+        cached = int(cache.get_seq_length()) if cache is not None else 0
+        raise ValueError(
+            "The input has no new token" + (f" (the cache already holds {cached} tokens)" if cached else "") + ": "
+            "with a cache, pass the whole sequence to generate() (the cached tokens followed by the new ones), or "
+            "at least one new token to forward()."
+        )
+    if input_ids is not None and not torch.compiler.is_compiling():
+        smallest, largest = torch.stack(torch.aminmax(input_ids)).tolist()
+        if smallest < 0 or largest >= config.vocab_size:
+            raise ValueError(
+                f"`input_ids` holds the id {smallest if smallest < 0 else largest}, outside the vocabulary [0, "
+                f"{config.vocab_size}): ids must come from this model's tokenizer (is `vocab_size` right?)."
+            )
+
+
+def validate_loss_inputs(labels, logits_to_keep, input_shape, vocab_size, loss_kwargs):
+    """
+    Refuse labels and `logits_to_keep` that cannot give the loss or the logits asked for (`RatForCausalLM.forward`).
+
+    * `labels`: integer (batch, tokens), the input's shape (the model shifts them: logits at t are scored against
+      labels[t + 1]), each an id in [0, vocab_size) or `ignore_index` (-100); the same for `shift_labels` (already
+      shifted). When every target is ignored (and `num_items_in_batch` counts no supervised token elsewhere), the
+      loss is NaN, a mean over no token, as in transformers' loss: a warning says so. A warning, not an error: the
+      gradients of that loss are exactly zero, so a training step on such a batch (a completion truncated away) does
+      not spoil the weights, and an error would stop a long run for it.
+    * `logits_to_keep`: an int >= 0 (0 keeps all; more than the input has keeps all) or a 1-D tensor of indices of
+      tokens; 0 when labels are given (the loss needs every token's logits).
+
+    Costs one read from the device per forward with labels (skipped while compiling).
+    """
+    if torch.is_tensor(logits_to_keep):
+        require_integer_tensor("logits_to_keep", logits_to_keep, "indices of tokens")
+        seq_len = input_shape[1]
+        if logits_to_keep.dim() != 1:
+            raise ValueError(f"A tensor `logits_to_keep` must be 1-D (indices of tokens), got shape {tuple(logits_to_keep.shape)}.")
+        if not torch.compiler.is_compiling() and bool(((logits_to_keep < -seq_len) | (logits_to_keep >= seq_len)).any()):
+            raise ValueError(f"`logits_to_keep` holds indices outside the {seq_len} tokens of the input: {logits_to_keep.tolist()}.")
+    elif isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int):
+        raise TypeError(f"`logits_to_keep` must be an int or a tensor of indices of tokens, got {logits_to_keep!r}.")
+    elif logits_to_keep < 0:
+        raise ValueError(f"`logits_to_keep` must be >= 0 (the number of last tokens to keep, 0 for all), got {logits_to_keep}.")
+    if labels is None:
+        return
+    if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        raise ValueError("`logits_to_keep` must be 0 when `labels` are given: the loss needs the logits of every token.")
+    ignore_index = loss_kwargs.get("ignore_index", -100)
+    targets = {"labels": labels}
+    if loss_kwargs.get("shift_labels") is not None:
+        targets["shift_labels"] = loss_kwargs["shift_labels"]
+    for name, tensor in targets.items():
+        require_integer_tensor(name, tensor, f"token ids, {ignore_index} for ignored tokens")
+        if tuple(tensor.shape) != tuple(input_shape):
+            raise ValueError(
+                f"`{name}` has shape {tuple(tensor.shape)} but the input has shape {tuple(input_shape)}: give one label per "
+                f"input token ({ignore_index} where no loss is wanted); the model shifts them itself."
+            )
+    if torch.compiler.is_compiling():
+        return
+    supervised = (labels[:, 1:] if "shift_labels" not in targets else targets["shift_labels"]) != ignore_index
+    out_of_range = [((tensor < 0) | (tensor >= vocab_size)) & (tensor != ignore_index) for tensor in targets.values()]
+    num_items = loss_kwargs.get("num_items_in_batch")
+    others_supervised = torch.as_tensor(num_items if num_items is not None else 0, device=labels.device) > 0
+    flags = torch.stack([*(bad.any() for bad in out_of_range), supervised.any() | others_supervised]).tolist()
+    for (name, tensor), bad, failed in zip(targets.items(), out_of_range, flags):
+        if failed:
+            raise ValueError(
+                f"`{name}` holds {int(tensor[bad][0])}, which is neither a token id in [0, {vocab_size}) nor the ignored "
+                f"label {ignore_index}."
+            )
+    if not flags[-1]:
+        logger.warning_once(
+            f"Every target of a batch is ignored ({ignore_index}; the targets are labels[:, 1:], as token t predicts token "
+            "t + 1): its loss is NaN, a mean over no token. Its gradients are zero (weights move only by the "
+            "optimiser's momentum); drop such batches, or pass `num_items_in_batch` (the supervised tokens of all "
+            "micro-batches) to get a loss of 0. Shown once."
+        )
+
+
 class RatModel(RatPreTrainedModel):
     """Embedding, blocks, final RMSNorm."""
 
@@ -528,10 +656,7 @@ class RatModel(RatPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """A `BaseModelOutputWithPast`, or its tuple with `return_dict=False` (or `config.return_dict=False`)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if output_attentions:
-            raise ValueError("RAT models do not return attention weights (RAT layers attend to chunk summaries).")
+        validate_model_inputs(self.config, self.embed_tokens, input_ids, inputs_embeds, cache, output_attentions)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache is not None):
@@ -540,15 +665,6 @@ class RatModel(RatPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        if seq_len == 0:
-            cached = int(cache.get_seq_length()) if cache is not None else 0
-            raise ValueError(
-                "The input has no new token" + (f" (the cache already holds {cached} tokens)" if cached else "") + ": "
-                "with a cache, pass the whole sequence to generate() (the cached tokens followed by the new ones), or "
-                "at least one new token to forward()."
-            )
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(f"`cache` must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}.")
 
         if cache is None:
             cached_columns = 0
@@ -575,6 +691,7 @@ class RatModel(RatPreTrainedModel):
         layout = RatSequenceLayout.build(
             batch_size, seq_len, inputs_embeds.device, attention_mask, position_ids, cached_columns,
             cache_has_padding=cache is not None and holds_padding(cache),
+            continues_given_cache=cache is not None,  # built here otherwise, after the layout
         )
         if use_cache and cache is None and not layout.packed:  # packed sequences have no single state to continue
             cache = DynamicCache(config=self.config)
@@ -587,8 +704,7 @@ class RatModel(RatPreTrainedModel):
                     "belongs to another model."
                 )
             adopt_cache_layers(cache, self.config.layer_types)
-            if seq_len > 1:
-                note_padding(cache, layout.key_valid)
+            note_padding(cache, layout.has_padding)
 
         backend = None
         if any(layer_type in ("rat", "rnn") for layer_type in self.config.layer_types):
@@ -603,6 +719,8 @@ class RatModel(RatPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+        if cache is not None and torch.is_grad_enabled():
+            detach_cache(cache)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
@@ -686,6 +804,7 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
+        validate_loss_inputs(labels, logits_to_keep, hidden_states.shape[:2], self.config.vocab_size, kwargs)
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:

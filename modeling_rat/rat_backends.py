@@ -23,6 +23,7 @@ from transformers.utils import logging
 from .rat_ops import (
     chunk_attention,
     chunk_attention_reference,
+    contain_summary_faults,
     decode_attention,
     decode_attention_reference,
     gated_chunk_scan,
@@ -83,10 +84,24 @@ def _triton_backend() -> RatBackend:
 
         return run
 
+    def containing_faults(kernel):
+        """
+        The kernel given the inputs of `contain_summary_faults`: it multiplies the zero weights of summaries a query
+        may not see by those summaries, and 0 * NaN is NaN, so a fault would reach earlier tokens otherwise.
+        """
+
+        def run(query, own_score, own_value, key_summaries, value_summaries, num_cached_chunks, scale):
+            own_value, key_summaries, value_summaries = contain_summary_faults(
+                own_value, key_summaries, value_summaries, num_cached_chunks
+            )
+            return kernel(query, own_score, own_value, key_summaries, value_summaries, num_cached_chunks, scale)
+
+        return run
+
     return RatBackend(
         "triton",
         gated_chunk_scan=with_fallback(triton_gated_chunk_scan, gated_chunk_scan),
-        chunk_attention=with_fallback(triton_chunk_attention, chunk_attention),
+        chunk_attention=with_fallback(containing_faults(triton_chunk_attention), chunk_attention),
         decode_attention=with_fallback(triton_decode_attention, decode_attention),
         linear_recurrence=with_fallback(functools.partial(linear_recurrence, scan=triton_chunk_scan), linear_recurrence),
     )

@@ -296,6 +296,48 @@ def chunk_attention_mask(num_cached_chunks: torch.Tensor, num_cached: int, num_c
     return torch.cat([own, cached.expand(-1, num_chunks, -1), new[None].expand(rows, -1, -1)], dim=-1).unsqueeze(1)
 
 
+def holds_nonfinite(*tensors: torch.Tensor, dim) -> torch.Tensor:
+    """
+    Which slices of `tensors` hold a NaN or inf: those whose float32 sum over `dim` is not finite (a sum of finite
+    values overflows only for elements near 1e36, where attention scores overflow anyway). Many times faster than
+    `isfinite(x).all(dim)` on CPUs.
+    """
+    return ~torch.isfinite(sum(tensor.sum(dim=dim, dtype=torch.float32) for tensor in tensors))
+
+
+def nan_where(condition: torch.Tensor) -> torch.Tensor:
+    """0 where `condition` is False, NaN where True: added to a tensor, it sets those entries to NaN (x + 0 == x)."""
+    return torch.where(condition, float("nan"), 0.0)
+
+
+def contain_summary_faults(own_value, key_summaries, value_summaries, num_cached_chunks):
+    """
+    Keep a non-finite summary (a NaN or inf in some token) away from the queries that may not see it, whatever kernel
+    is given these inputs. Attention kernels multiply the summaries a query may not see by zero weights, and 0 * NaN is
+    NaN: the fault would reach earlier tokens. Summaries holding a NaN or inf are replaced by zeros, and every query
+    that may see one gets a NaN own value, so that its output is NaN, as the single softmax of the SPEC makes it
+    (kernels add the own value with its weight, and w * NaN is NaN for any w; a NaN score would not do: fused kernels
+    may turn a row of NaN scores into zeros). Shapes as in `chunk_attention`; returns the three tensors to give the
+    kernel instead.
+
+    Cost: a sum and a select over the summaries (1/L of the tokens), one addition over the own values; no
+    synchronisation.
+    """
+    num_chunks = own_value.shape[3]
+    num_cached = key_summaries.shape[2] - (num_chunks - 1)
+    faulty = holds_nonfinite(key_summaries, value_summaries, dim=-1)  # (N, H, P + C - 1)
+    key_summaries = key_summaries.masked_fill(faulty[..., None], 0.0)
+    value_summaries = value_summaries.masked_fill(faulty[..., None], 0.0)
+    # Query chunk i sees the new summaries k < i, and the cached slots below its row's count.
+    new_faults_so_far = faulty[..., num_cached:].cumsum(-1) > 0
+    sees_fault = torch.cat([faulty.new_zeros(*faulty.shape[:2], 1), new_faults_so_far], dim=-1)  # (N, H, C)
+    if num_cached_chunks is not None:
+        cached_visible = torch.arange(num_cached, device=faulty.device)[None, :] < num_cached_chunks[:, None]
+        sees_fault = sees_fault | (faulty[..., :num_cached] & cached_visible[:, None, :]).any(-1, keepdim=True)
+    own_value = own_value + nan_where(sees_fault)[:, None, :, :, None].to(own_value.dtype)  # (N, L, H, C, d)
+    return own_value, key_summaries, value_summaries
+
+
 def chunk_attention(
     query: torch.Tensor,
     own_score: torch.Tensor,
@@ -313,7 +355,8 @@ def chunk_attention(
     slot `[0, 1]` (its score is then exactly `s_own`), and values get `[V, 0]` with the own slot `[0, 1]`, so the
     extra output coordinate is the own term's softmax weight `p_own` and `out = o[:d] + p_own * v_own` is exactly
     the single softmax over `{K_0..K_{c-1}} U {k_own}` of the SPEC. Zero coordinates pad the head size to a
-    multiple of 8. The fused SDPA kernels then do the blocked online softmax (forward and backward).
+    multiple of 8. The fused SDPA kernels then do the blocked online softmax (forward and backward). A NaN or inf
+    summary reaches only the queries that may see it (`contain_summary_faults`).
 
     Shapes (N independent rows, L tokens per chunk, H heads, C query chunks, d head size):
         query: (N, L, H, C, d), rotated by each token's chunk index.
@@ -327,6 +370,9 @@ def chunk_attention(
     num_rows, chunk_size, num_heads, num_chunks, head_dim = query.shape
     width = padded_head_dim(head_dim, query.device)
     dtype = query.dtype
+    own_value, key_summaries, value_summaries = contain_summary_faults(
+        own_value, key_summaries, value_summaries, num_cached_chunks
+    )
     # The L tokens of a chunk see the same keys: they become L query heads sharing one key/value head
     # (grouped-query attention), query head h * L + l for token l of head h.
     query_aug = torch.cat(
@@ -369,6 +415,10 @@ def decode_attention(
     `chunk_attention` for one new token per row (decoding), reading the cached summaries in place (no augmented
     copies): query (B, H, d) rotated, own_score (B, H) fp32, own_value (B, H, d), key/value summaries (B, H, P, d)
     of which the first num_cached_chunks[b] are valid. Returns (B, H, d).
+
+    The other slots are removed from the scores by a select; their values get weight zero and are zeros (the cache
+    keeps every slot beyond a row's count at zero, see `RatChunkCacheLayer.crop`), so that no NaN of a discarded
+    token can reach the output through 0 * NaN, and no select over the whole cache is needed on every step.
     """
     scores = torch.matmul(query.unsqueeze(2), key_summaries.transpose(-1, -2)).squeeze(2).float()  # (B, H, P)
     slots = torch.arange(key_summaries.shape[2], device=query.device)
@@ -399,3 +449,38 @@ def sliding_window_attention(query, key, value, window: int, block_size: int | N
             )
         )
     return torch.cat(outputs, dim=2)
+
+
+def attention_containing_faults(query, key, value, attn_mask=None, sliding_window=None, query_valid=None):
+    """
+    Softmax attention of queries (B, H, T, d) over keys and values (B, H, K, d) in which a non-finite key or value (a
+    NaN or inf in some token) reaches only the queries that may see it. SDPA multiplies what a query may not see by zero
+    weights, and 0 * NaN is NaN: the fault would reach earlier tokens. Columns holding a NaN or inf are replaced by
+    zeros for the call, and the output of every query that may see one is set to NaN after it, as plain attention
+    gives it (fused kernels may turn a row of NaN scores into zeros instead).
+
+    attn_mask: (B, 1, T, K) bool, which keys each query sees; None: causal attention over T = K tokens, within the last
+    `sliding_window` tokens when given (then computed block by block, `sliding_window_attention`). query_valid (B, T):
+    padding queries are never set to NaN (they may see anything, and would carry the fault into the padding of later
+    layers and of the cache).
+
+    Cost: a sum, a select and their backward over the keys and values, one addition over the output; no
+    synchronisation.
+    """
+    faulty = holds_nonfinite(key, value, dim=(1, 3))  # (B, K): in any head
+    key = key.masked_fill(faulty[:, None, :, None], 0.0)
+    value = value.masked_fill(faulty[:, None, :, None], 0.0)
+    if attn_mask is not None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+        sees_fault = (attn_mask[:, 0] & faulty[:, None, :]).any(-1)  # (B, T)
+    else:
+        faults_so_far = faulty.long().cumsum(-1)
+        if sliding_window is None:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+            sees_fault = faults_so_far > 0
+        else:
+            out = sliding_window_attention(query, key, value, sliding_window)
+            sees_fault = faults_so_far - F.pad(faults_so_far, (sliding_window, 0))[:, : faults_so_far.shape[1]] > 0
+    if query_valid is not None:
+        sees_fault = sees_fault & query_valid
+    return out + nan_where(sees_fault)[:, None, :, None].to(out.dtype)
