@@ -329,8 +329,12 @@ def contain_summary_faults(own_value, key_summaries, value_summaries, num_cached
     key_summaries = key_summaries.masked_fill(faulty[..., None], 0.0)
     value_summaries = value_summaries.masked_fill(faulty[..., None], 0.0)
     # Query chunk i sees the new summaries k < i, and the cached slots below its row's count.
-    new_faults_so_far = faulty[..., num_cached:].cumsum(-1) > 0
-    sees_fault = torch.cat([faulty.new_zeros(*faulty.shape[:2], 1), new_faults_so_far], dim=-1)  # (N, H, C)
+    # (Through the first faulty new summary rather than a cumulative sum, which torch.export cannot trace for
+    # dynamic lengths.)
+    chunks = torch.arange(num_chunks, device=faulty.device)
+    new_faulty = torch.cat([faulty[..., num_cached:], faulty.new_zeros(*faulty.shape[:2], 1)], dim=-1)  # (N, H, C)
+    first_fault = torch.where(new_faulty, chunks, num_chunks).amin(-1, keepdim=True)  # (N, H, 1)
+    sees_fault = chunks > first_fault  # (N, H, C)
     if num_cached_chunks is not None:
         cached_visible = torch.arange(num_cached, device=faulty.device)[None, :] < num_cached_chunks[:, None]
         sees_fault = sees_fault | (faulty[..., :num_cached] & cached_visible[:, None, :]).any(-1, keepdim=True)
