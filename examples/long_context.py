@@ -1,0 +1,635 @@
+"""Long-context recall, trained from scratch with equal budgets: passkey retrieval and multi-query associative recall
+(MQAR) for the paper's five models and RAT at several chunk sizes, with the cost of each (training-step time and
+decode-cache bytes) beside its accuracy.
+
+    python examples/long_context.py --quick --output runs/long_context_quick       # the pipeline in a few minutes
+    python examples/long_context.py --output runs/long_context                     # the full grid (hours on a CPU)
+    python examples/long_context.py --task mqar --models attention rat --chunk-sizes 4 16 --lengths 256 1024 \\
+        --seeds 3 --output runs/mqar
+
+Tasks (every token id is one symbol; no tokenizer):
+
+* passkey: random filler tokens with a needle hidden at a uniformly random depth: the passkey marker followed by
+  PASSKEY_TOKENS random value tokens. The sequence ends with the marker again; the model must continue with the
+  passkey. Accuracy: the fraction of examples whose whole passkey is predicted (teacher forcing, which for an exact
+  match is the same as greedy decoding), also reported by depth.
+* mqar (as in the Zoology benchmark of efficient architectures): key-value pairs (distinct keys) at the start, random
+  filler, then every key asked again in random order, each followed by its value. Accuracy: the fraction of the
+  queried values predicted. Every query comes at least seq_len - 4 x pairs tokens after its pair.
+
+The loss is taken on the answers only. The recipe (width, depth, steps, batch, learning rate, vocabulary, pairs) is
+the same for every model, length and seed; the training data of a (task, length, seed) is the same for every model,
+and all models are scored on one held-out set per (task, length). Hybrids use the sliding window seq_len // 4.
+
+Output, in --output: `runs/<run>.json` per finished run (a rerun skips finished runs; several processes can share
+one folder and never train the same run at once), `results.json` ({"recipe": ..., "runs": [...]}, rewritten after
+each run), and the plots `accuracy_vs_length.png`, `chunk_size.png` and `passkey_depth.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from modeling_rat import RatConfig, RatForCausalLM, cache_nbytes
+
+
+TASKS = ("passkey", "mqar")
+PAPER_MODELS = ("attention", "rnn", "rat", "attention-swa", "rat-swa")  # RatConfig.from_preset's five models
+PAPER_CHUNK_SIZE = 16
+DEPTH_BINS = 5
+EVAL_SEED = 1_000_003  # the held-out set of a (task, length) is drawn from its own stream, never used in training
+
+# Vocabulary: one marker, then keys, values (also the passkey symbols) and filler, in disjoint ranges.
+MARKER = 0
+PASSKEY_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that defines the training budget and the tasks; identical for every run of a results folder."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    sliding_window: int = 32
+    short_length: int = 64
+    short_steps: int = 1000
+    steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    num_keys: int = 64
+    num_values: int = 64
+    num_filler: int = 64
+    pairs: int = 8
+    eval_examples: int = 256
+
+    @property
+    def total_steps(self) -> int:
+        return self.short_steps + self.steps
+
+    @property
+    def key_offset(self) -> int:
+        return MARKER + 1
+
+    @property
+    def value_offset(self) -> int:
+        return self.key_offset + self.num_keys
+
+    @property
+    def filler_offset(self) -> int:
+        return self.value_offset + self.num_values
+
+    @property
+    def vocab_size(self) -> int:
+        return self.filler_offset + self.num_filler
+
+
+MAY_BE_ZERO = {"short_steps", "warmup_steps", "weight_decay"}
+QUICK_RECIPE = Recipe(hidden_size=32, num_layers=2, num_heads=2, sliding_window=8, short_length=32, short_steps=40,
+                      steps=20, batch_size=16, warmup_steps=6, pairs=4, eval_examples=64)
+QUICK_GRID = dict(models=["attention", "rnn", "rat"], chunk_sizes=[4, 16], lengths=[64, 128], seeds=2)
+FULL_GRID = dict(models=list(PAPER_MODELS), chunk_sizes=[1, 4, 16, 64], lengths=[128, 256, 512, 1024], seeds=3)
+
+
+# ========================================================================================================== tasks
+
+
+def minimum_length(task: str, recipe: Recipe) -> int:
+    return 2 * PASSKEY_TOKENS + 3 if task == "passkey" else 4 * recipe.pairs + 1
+
+
+def answer_span(task: str, recipe: Recipe) -> int:
+    """How many final positions hold every supervised prediction (the logits computed in training)."""
+    return PASSKEY_TOKENS + 1 if task == "passkey" else 2 * recipe.pairs
+
+
+def passkey_batch(generator: torch.Generator, batch_size: int, seq_len: int, recipe: Recipe):
+    """Filler with `MARKER passkey` at a random depth, ending with `MARKER passkey`: the model continues the marker.
+
+    Returns the token ids (batch, seq_len), the labels of the last `answer_span` positions (-100: not scored) and the
+    depth of each needle (0: the start of the sequence, 1: just before the question)."""
+    ids = recipe.filler_offset + torch.randint(recipe.num_filler, (batch_size, seq_len), generator=generator)
+    passkey = recipe.value_offset + torch.randint(recipe.num_values, (batch_size, PASSKEY_TOKENS), generator=generator)
+    last_start = seq_len - 2 * PASSKEY_TOKENS - 2  # the needle ends before the question
+    start = torch.randint(last_start + 1, (batch_size,), generator=generator)
+    rows = torch.arange(batch_size)[:, None]
+    ids[rows, start[:, None] + torch.arange(PASSKEY_TOKENS + 1)] = torch.cat(
+        [torch.full((batch_size, 1), MARKER), passkey], dim=1)
+    ids[:, -PASSKEY_TOKENS - 1] = MARKER
+    ids[:, -PASSKEY_TOKENS:] = passkey
+    labels = torch.cat([passkey, torch.full((batch_size, 1), -100)], dim=1)
+    return ids, labels, start.float() / max(last_start, 1)
+
+
+def mqar_batch(generator: torch.Generator, batch_size: int, seq_len: int, recipe: Recipe):
+    """`k1 v1 ... kN vN`, filler, then the N keys again in random order, each followed by its value (scored).
+
+    Returns the token ids, the labels of the last `answer_span` positions and None (no depth)."""
+    pairs = recipe.pairs
+    keys = recipe.key_offset + torch.rand(batch_size, recipe.num_keys, generator=generator).argsort(dim=1)[:, :pairs]
+    values = recipe.value_offset + torch.randint(recipe.num_values, (batch_size, pairs), generator=generator)
+    order = torch.rand(batch_size, pairs, generator=generator).argsort(dim=1)
+    asked_keys, asked_values = keys.gather(1, order), values.gather(1, order)
+    filler = recipe.filler_offset + torch.randint(recipe.num_filler, (batch_size, seq_len - 4 * pairs), generator=generator)
+    context = torch.stack([keys, values], dim=2).flatten(1)
+    questions = torch.stack([asked_keys, asked_values], dim=2).flatten(1)
+    ids = torch.cat([context, filler, questions], dim=1)
+    labels = torch.stack([asked_values, torch.full_like(asked_values, -100)], dim=2).flatten(1)
+    return ids, labels, None
+
+
+BATCH_MAKERS = {"passkey": passkey_batch, "mqar": mqar_batch}
+
+
+def data_generator(task: str, seq_len: int, seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(TASKS.index(task) * 1_000_000 + seq_len * 1_000 + seed)
+
+
+# ========================================================================================================== runs
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    model: str
+    chunk_size: int | None  # None: the model has no RAT layer
+    seq_len: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        chunk = f"-L{self.chunk_size}" if self.chunk_size is not None else ""
+        return f"{self.task}-{self.model}{chunk}-T{self.seq_len}-seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        """The model as plots and tables name it: pure rat carries its chunk size."""
+        return f"rat L={self.chunk_size}" if self.model == "rat" else self.model
+
+
+def model_variants(models: list[str], chunk_sizes: list[int]) -> list[tuple[str, int | None]]:
+    """(model, chunk size) pairs: the paper's models at the paper's chunk size, pure rat at every chunk size."""
+    variants = []
+    for model in models:
+        if model == "rat":
+            variants += [("rat", chunk_size) for chunk_size in chunk_sizes]
+        else:
+            variants.append((model, PAPER_CHUNK_SIZE if model == "rat-swa" else None))
+    return variants
+
+
+def build_grid(tasks, models, chunk_sizes, lengths, seeds) -> list[Run]:
+    """Every run, most informative first: the shortest length (does the recipe work?), then the longest length with
+    all its seeds, then the lengths in between (one seed). Interrupted grids thus miss the middle first."""
+    lengths = sorted(lengths)
+    stages = [(lengths[0], [0]), (lengths[-1], list(range(seeds)))] if len(lengths) > 1 else [(lengths[0], list(range(seeds)))]
+    stages += [(length, [0]) for length in lengths[1:-1]]
+    runs = []
+    for seq_len, stage_seeds in stages:
+        for seed in stage_seeds:
+            for task in tasks:
+                for model, chunk_size in model_variants(models, chunk_sizes):
+                    runs.append(Run(task, model, chunk_size, seq_len, seed))
+    return list(dict.fromkeys(runs))
+
+
+def build_config(run: Run, recipe: Recipe) -> RatConfig:
+    overrides = dict(
+        vocab_size=recipe.vocab_size,
+        hidden_size=recipe.hidden_size,
+        num_hidden_layers=recipe.num_layers,
+        num_attention_heads=recipe.num_heads,
+        intermediate_size=4 * recipe.hidden_size,
+        max_position_embeddings=run.seq_len,
+    )
+    if run.chunk_size is not None:
+        overrides["chunk_size"] = run.chunk_size
+    if run.model.endswith("-swa"):
+        overrides["sliding_window"] = recipe.sliding_window
+    return RatConfig.from_preset(run.model, "tiny", **overrides)
+
+
+def learning_rate_at(step: int, recipe: Recipe) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < recipe.warmup_steps:
+        return recipe.learning_rate * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.total_steps - recipe.warmup_steps)
+    return recipe.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def answer_loss(model, ids, labels):
+    logits = model(ids, logits_to_keep=labels.shape[1]).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate(model, run: Run, recipe: Recipe) -> dict:
+    """Accuracy on the held-out set of (task, length): the same examples for every model and seed."""
+    model.eval()
+    generator = data_generator(run.task, run.seq_len, EVAL_SEED)
+    ids, labels, depth = BATCH_MAKERS[run.task](generator, recipe.eval_examples, run.seq_len, recipe)
+    predictions = torch.cat([
+        model(ids[start: start + recipe.batch_size], logits_to_keep=labels.shape[1]).logits.argmax(-1)
+        for start in range(0, len(ids), recipe.batch_size)
+    ])
+    scored = labels != -100
+    correct = (predictions == labels) | ~scored
+    metrics = {"token_accuracy": ((predictions == labels) & scored).sum().item() / scored.sum().item()}
+    if run.task == "passkey":
+        exact = correct.all(dim=1).float()
+        metrics["accuracy"] = exact.mean().item()
+        bins = (depth * DEPTH_BINS).long().clamp(max=DEPTH_BINS - 1)
+        metrics["accuracy_by_depth"] = [exact[bins == b].mean().item() if (bins == b).any() else None
+                                        for b in range(DEPTH_BINS)]
+    else:
+        metrics["accuracy"] = metrics["token_accuracy"]
+    return metrics
+
+
+@torch.no_grad()
+def decode_cache_bytes(model, seq_len: int) -> int:
+    """Bytes of the decoding cache after a prefill of seq_len tokens (one sequence)."""
+    model.eval()
+    cache = DynamicCache(config=model.config)
+    model(torch.zeros(1, seq_len, dtype=torch.long), past_key_values=cache, use_cache=True)
+    return cache_nbytes(cache)
+
+
+def train_and_evaluate(run: Run, recipe: Recipe, progress: bool = True) -> dict:
+    """Train one model from scratch on one task: `short_steps` at `short_length` tokens (where the recall circuits
+    form cheaply), then `steps` at the run's length; evaluate at the run's length and return the record."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(run.seed)
+    config = build_config(run, recipe)
+    model = RatForCausalLM(config)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=recipe.learning_rate, betas=(0.9, 0.98))
+    short_length = min(recipe.short_length, run.seq_len)
+    phases = [(short_length, recipe.short_steps), (run.seq_len, recipe.steps)]
+    step_seconds, losses = [], []
+    model.train()
+    bar = tqdm(total=recipe.total_steps, desc=run.name, leave=False, disable=not progress, dynamic_ncols=True)
+    step = 0
+    for seq_len, steps in phases:
+        generator = data_generator(run.task, seq_len, run.seed)
+        for _ in range(steps):
+            ids, labels, _ = BATCH_MAKERS[run.task](generator, recipe.batch_size, seq_len, recipe)
+            start = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate_at(step, recipe)
+            loss = answer_loss(model, ids, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if seq_len == run.seq_len:
+                step_seconds.append(time.perf_counter() - start)
+            losses.append(loss.item())
+            step += 1
+            bar.update()
+            if step % 10 == 0:
+                bar.set_postfix(tokens=seq_len, loss=f"{statistics.fmean(losses[-10:]):.3f}")
+    bar.close()
+    metrics = evaluate(model, run, recipe)
+    return {
+        **asdict(run),
+        "label": run.label,
+        **metrics,
+        "train_step_seconds": statistics.median(step_seconds),
+        "cache_bytes": decode_cache_bytes(model, run.seq_len),
+        "final_train_loss": statistics.fmean(losses[-max(1, recipe.steps // 10):]),
+        "layer_types": config.layer_types,
+        "sliding_window": config.sliding_window if run.model.endswith("-swa") else None,
+        "parameters": model.num_parameters(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ===================================================================================================== bookkeeping
+
+
+class ResultsFolder:
+    """One file per finished run, and a claim file per run in progress, so that a rerun skips what is done and
+    several processes can share the grid (a claim whose process has died on this machine is taken over)."""
+
+    def __init__(self, output: Path, recipe: Recipe):
+        self.output = Path(output)
+        self.runs_dir = self.output / "runs"
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        recipe_file = self.output / "recipe.json"
+        if recipe_file.exists():
+            stored = json.loads(recipe_file.read_text())
+            if stored != asdict(recipe):
+                changed = sorted(k for k in stored.keys() | asdict(recipe).keys() if stored.get(k) != asdict(recipe).get(k))
+                raise ValueError(f"{self.output} holds runs of another recipe (differs in {', '.join(changed)}): use "
+                                 f"another --output, or the options (or --quick) it was made with.")
+        else:
+            recipe_file.write_text(json.dumps(asdict(recipe), indent=2))
+        self.recipe = recipe
+
+    def result_path(self, run: Run) -> Path:
+        return self.runs_dir / f"{run.name}.json"
+
+    def is_done(self, run: Run) -> bool:
+        return self.result_path(run).exists()
+
+    def claim(self, run: Run) -> bool:
+        """Take the run for this process; False if it is finished or another living process has it."""
+        if self.is_done(run):
+            return False
+        path = self.runs_dir / f"{run.name}.claim"
+        owner = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not self._claim_is_stale(path):
+                    return False
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(descriptor, "w") as file:
+                file.write(owner)
+            return True
+        return False
+
+    @staticmethod
+    def _claim_is_stale(path: Path) -> bool:
+        try:
+            host, pid = path.read_text().split()
+        except (OSError, ValueError):
+            return False  # being written right now
+        if host != socket.gethostname():
+            return False  # cannot tell: leave it to its machine
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def release(self, run: Run):
+        (self.runs_dir / f"{run.name}.claim").unlink(missing_ok=True)
+
+    def save(self, run: Run, record: dict):
+        write_atomically(self.result_path(run), json.dumps(record, indent=2))
+
+    def records(self) -> list[dict]:
+        return [json.loads(path.read_text()) for path in sorted(self.runs_dir.glob("*.json"))]
+
+    def write_summary(self) -> list[dict]:
+        records = sorted(self.records(), key=lambda r: (r["task"], r["seq_len"], r["model"], r["chunk_size"] or 0, r["seed"]))
+        write_atomically(self.output / "results.json", json.dumps({"recipe": asdict(self.recipe), "runs": records}, indent=2))
+        return records
+
+
+def write_atomically(path: Path, text: str):
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+# ========================================================================================================== plots
+
+
+def variant_order(records: list[dict]) -> list[str]:
+    """Labels in a stable order: the paper's models, then rat by chunk size."""
+    labels = {r["label"] for r in records}
+    rat = sorted((label for label in labels if label.startswith("rat L=")), key=lambda s: int(s.split("=")[1]))
+    ordered = []
+    for model in PAPER_MODELS:
+        ordered += rat if model == "rat" else [model] if model in labels else []
+    return ordered
+
+
+def summarize(records: list[dict], key: str):
+    """{(task, label, seq_len): (mean, low, high, count)} of `key` over seeds."""
+    groups = {}
+    for record in records:
+        groups.setdefault((record["task"], record["label"], record["seq_len"]), []).append(record[key])
+    return {group: (statistics.fmean(values), min(values), max(values), len(values)) for group, values in groups.items()}
+
+
+def plot_results(records: list[dict], output: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not records:
+        return
+    tasks = [task for task in TASKS if any(r["task"] == task for r in records)]
+    labels = variant_order(records)
+    colors = {label: plt.cm.tab10(index % 10) for index, label in enumerate(labels)}
+    accuracy = summarize(records, "accuracy")
+
+    figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        for label in labels:
+            points = sorted((seq_len, stats) for (t, lab, seq_len), stats in accuracy.items() if t == task and lab == label)
+            if not points:
+                continue
+            lengths = [p[0] for p in points]
+            means = [p[1][0] for p in points]
+            errors = [[p[1][0] - p[1][1] for p in points], [p[1][2] - p[1][0] for p in points]]
+            axis.errorbar(lengths, means, yerr=errors, marker="o", capsize=3, color=colors[label], label=label,
+                          linestyle="--" if label.startswith("rat L=") and label != f"rat L={PAPER_CHUNK_SIZE}" else "-")
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("sequence length (tokens)")
+        axis.set_ylabel("accuracy" + (" (whole passkey)" if task == "passkey" else " (queried values)"))
+        axis.set_ylim(-0.03, 1.03)
+        axis.set_title(f"{task}: accuracy by length (mean, min-max over seeds)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output / "accuracy_vs_length.png", dpi=120)
+    plt.close(figure)
+
+    plot_chunk_sizes(records, tasks, output, plt)
+    plot_passkey_depth(records, output, plt)
+
+
+def plot_chunk_sizes(records, tasks, output, plt):
+    """At the longest length: accuracy, step time and cache bytes of rat against its chunk size, with attention and
+    rnn as reference lines."""
+    panels = [("accuracy", "accuracy"), ("train_step_seconds", "training step (s, median)"),
+              ("cache_bytes", "decode cache (KiB, one sequence)")]
+    figure, axes = plt.subplots(len(tasks), len(panels), figsize=(15, 4 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks):
+        task_records = [r for r in records if r["task"] == task]
+        longest = max(r["seq_len"] for r in task_records)
+        at_longest = [r for r in task_records if r["seq_len"] == longest]
+        for axis, (key, title) in zip(row, panels):
+            stats = summarize(at_longest, key)
+            scale = 1 / 1024 if key == "cache_bytes" else 1
+            rat = sorted((int(label.split("=")[1]), value) for (_, label, _), value in stats.items() if label.startswith("rat L="))
+            if rat:
+                axis.errorbar([c for c, _ in rat], [v[0] * scale for _, v in rat],
+                              yerr=[[(v[0] - v[1]) * scale for _, v in rat], [(v[2] - v[0]) * scale for _, v in rat]],
+                              marker="o", capsize=3, color="black", label="rat")
+            for reference, style in (("attention", "--"), ("rnn", ":")):
+                if (task, reference, longest) in stats:
+                    axis.axhline(stats[(task, reference, longest)][0] * scale, linestyle=style, color="gray", label=reference)
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("RAT chunk size L")
+            axis.set_ylabel(title)
+            axis.set_title(f"{task}, {longest} tokens")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output / "chunk_size.png", dpi=120)
+    plt.close(figure)
+
+
+def plot_passkey_depth(records, output, plt):
+    """Passkey accuracy by needle depth and length, one panel per model (seeds averaged)."""
+    passkey = [r for r in records if r["task"] == "passkey"]
+    if not passkey:
+        return
+    labels = variant_order(passkey)
+    lengths = sorted({r["seq_len"] for r in passkey})
+    columns = min(4, len(labels))
+    rows = math.ceil(len(labels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    for axis in axes.flat[len(labels):]:
+        axis.axis("off")
+    for axis, label in zip(axes.flat, labels):
+        grid = torch.full((len(lengths), DEPTH_BINS), float("nan"))
+        for i, seq_len in enumerate(lengths):
+            by_depth = [r["accuracy_by_depth"] for r in passkey if r["label"] == label and r["seq_len"] == seq_len]
+            for b in range(DEPTH_BINS):
+                values = [d[b] for d in by_depth if d[b] is not None]
+                if values:
+                    grid[i, b] = statistics.fmean(values)
+        image = axis.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        axis.set_xticks(range(DEPTH_BINS), [f"{(b + 0.5) / DEPTH_BINS:.1f}" for b in range(DEPTH_BINS)])
+        axis.set_yticks(range(len(lengths)), [str(length) for length in lengths])
+        axis.set_xlabel("needle depth")
+        axis.set_ylabel("length")
+        axis.set_title(label, fontsize=10)
+    figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="passkey accuracy")
+    figure.savefig(output / "passkey_depth.png", dpi=120)
+    plt.close(figure)
+
+
+# ============================================================================================================ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Recipe()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, type=Path, help="results folder (reused by reruns)")
+    parser.add_argument("--task", nargs="+", choices=TASKS, help="default: both")
+    parser.add_argument("--models", nargs="+", choices=PAPER_MODELS, help="default: the five")
+    parser.add_argument("--chunk-sizes", nargs="+", type=int, help="chunk sizes of the pure rat model (default 1 4 16 64)")
+    parser.add_argument("--lengths", nargs="+", type=int, help="sequence lengths (default 128 256 512 1024)")
+    parser.add_argument("--seeds", type=int, help="seeds at the longest length; one seed elsewhere (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny recipe and grid (attention, rnn, rat L=4/16 at 64 and 128 tokens): checks the pipeline")
+    recipe = parser.add_argument_group("recipe (the same for every run)")
+    for field, help_text in (
+        ("hidden_size", "width D"), ("num_layers", "depth"), ("num_heads", "heads"),
+        ("sliding_window", "tokens a sliding-window query sees (hybrids)"),
+        ("short_length", "sequence length of the first training phase"),
+        ("short_steps", "steps of the first phase (0: none)"), ("steps", "steps at the run's length"),
+        ("batch_size", "sequences per step"), ("learning_rate", "peak AdamW learning rate"),
+        ("warmup_steps", "linear warm-up steps (then cosine to a tenth)"), ("weight_decay", "AdamW weight decay"),
+        ("num_keys", "MQAR key symbols"), ("num_values", "value symbols (MQAR values, passkey symbols)"),
+        ("num_filler", "filler symbols"), ("pairs", "MQAR key-value pairs per sequence"),
+        ("eval_examples", "held-out examples per (task, length)"),
+    ):
+        value = getattr(defaults, field)
+        recipe.add_argument(f"--{field.replace('_', '-')}", type=type(value), help=f"{help_text} (default {value})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def resolve_arguments(parser, args) -> tuple[Recipe, list[Run]]:
+    """The recipe and the grid, from the defaults (or --quick) and the options given; bad input: parser.error."""
+    base_recipe, grid = (QUICK_RECIPE, QUICK_GRID) if args.quick else (Recipe(), FULL_GRID)
+    recipe_overrides = {field: getattr(args, field) for field in asdict(base_recipe) if getattr(args, field) is not None}
+    for field, value in recipe_overrides.items():
+        if value < 0 or (value == 0 and field not in MAY_BE_ZERO):
+            parser.error(f"--{field.replace('_', '-')} must be {'>= 0' if field in MAY_BE_ZERO else 'positive'}, got {value}")
+    recipe = Recipe(**{**asdict(base_recipe), **recipe_overrides})
+    if recipe.pairs > recipe.num_keys:
+        parser.error(f"--pairs {recipe.pairs} needs at least as many key symbols (--num-keys {recipe.num_keys})")
+    tasks = args.task or list(TASKS)
+    models = args.models or grid["models"]
+    chunk_sizes = args.chunk_sizes or grid["chunk_sizes"]
+    lengths = args.lengths or grid["lengths"]
+    seeds = args.seeds if args.seeds is not None else grid["seeds"]
+    if args.chunk_sizes and "rat" not in models:
+        parser.error("--chunk-sizes sets the chunk sizes of the pure rat model: add rat to --models")
+    if any(c < 1 for c in chunk_sizes):
+        parser.error(f"--chunk-sizes must be >= 1, got {chunk_sizes}")
+    if seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {seeds}")
+    for task in tasks:
+        shortest = minimum_length(task, recipe)
+        if min(lengths) < shortest:
+            parser.error(f"--lengths: {task} needs sequences of at least {shortest} tokens with this recipe, got "
+                         f"{min(lengths)}")
+    runs = build_grid(tasks, models, chunk_sizes, lengths, seeds)
+    for run in runs:
+        try:
+            build_config(run, recipe)
+        except ValueError as error:
+            parser.error(f"{run.label} at {run.seq_len} tokens: {error}")
+    return recipe, runs
+
+
+def main(argv=None) -> list[dict]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    recipe, runs = resolve_arguments(parser, args)
+    from tqdm.auto import tqdm
+
+    try:
+        folder = ResultsFolder(args.output, recipe)
+    except ValueError as error:
+        parser.error(str(error))
+    pending = [run for run in runs if not folder.is_done(run)]
+    print(f"{len(runs)} runs, {len(runs) - len(pending)} already finished in {args.output}", file=sys.stderr)
+    for run in tqdm(pending, desc="runs", disable=args.no_progress, dynamic_ncols=True):
+        if not folder.claim(run):
+            continue
+        try:
+            record = train_and_evaluate(run, recipe, progress=not args.no_progress)
+            folder.save(run, record)
+        finally:
+            folder.release(run)
+        tqdm.write(f"{run.name}: accuracy {record['accuracy']:.3f}, step {record['train_step_seconds']:.3f}s, "
+                   f"cache {record['cache_bytes']:,} bytes", file=sys.stderr)
+        plot_results(folder.write_summary(), folder.output)
+    records = folder.write_summary()
+    plot_results(records, folder.output)
+    missing = [run.name for run in runs if not folder.is_done(run)]
+    if missing:
+        print(f"{len(missing)} runs not finished here (another process has them, or were interrupted): rerun to "
+              f"complete them.", file=sys.stderr)
+    return records
+
+
+if __name__ == "__main__":
+    main()
