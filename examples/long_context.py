@@ -10,12 +10,12 @@ decode-cache bytes) beside its accuracy.
 Tasks (every token id is one symbol; no tokenizer):
 
 * passkey: random filler tokens with a needle hidden at a uniformly random depth: the passkey marker followed by
-  PASSKEY_TOKENS random value tokens. The sequence ends with the marker again; the model must continue with the
+  `passkey_tokens` random value tokens. The sequence ends with the marker again; the model must continue with the
   passkey. Accuracy: the fraction of examples whose whole passkey is predicted (teacher forcing, which for an exact
   match is the same as greedy decoding), also reported by depth.
 * mqar (as in the Zoology benchmark of efficient architectures): key-value pairs (distinct keys) at the start, random
-  filler, then every key asked again in random order, each followed by its value. Accuracy: the fraction of the
-  queried values predicted. Every query comes at least seq_len - 4 x pairs tokens after its pair.
+  filler, then every key asked again in random order; at each the model predicts its value. Accuracy: the fraction
+  of the queried values predicted. Every question comes at least seq_len - 3 x pairs tokens after its pair.
 
 The loss is taken on the answers only. The recipe (width, depth, steps, batch, learning rate, vocabulary, pairs) is
 the same for every model, length and seed; the training data of a (task, length, seed) is the same for every model,
@@ -54,7 +54,6 @@ EVAL_SEED = 1_000_003  # the held-out set of a (task, length) is drawn from its 
 
 # Vocabulary: one marker, then keys, values (also the passkey symbols) and filler, in disjoint ranges.
 MARKER = 0
-PASSKEY_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -64,18 +63,20 @@ class Recipe:
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
-    sliding_window: int = 32
-    short_length: int = 64
+    sliding_window: int = 16
+    initializer_range: float = 0.1
+    short_length: int = 32
     short_steps: int = 1000
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 32
     learning_rate: float = 1e-3
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     weight_decay: float = 0.1
-    num_keys: int = 64
-    num_values: int = 64
-    num_filler: int = 64
-    pairs: int = 8
+    num_keys: int = 16
+    num_values: int = 16
+    num_filler: int = 16
+    pairs: int = 4
+    passkey_tokens: int = 2
     eval_examples: int = 256
 
     @property
@@ -100,8 +101,8 @@ class Recipe:
 
 
 MAY_BE_ZERO = {"short_steps", "warmup_steps", "weight_decay"}
-QUICK_RECIPE = Recipe(hidden_size=32, num_layers=2, num_heads=2, sliding_window=8, short_length=32, short_steps=40,
-                      steps=20, batch_size=16, warmup_steps=6, pairs=4, eval_examples=64)
+QUICK_RECIPE = Recipe(hidden_size=32, num_heads=2, sliding_window=8, short_length=24, short_steps=60, steps=20,
+                      batch_size=16, warmup_steps=10, eval_examples=64)
 QUICK_GRID = dict(models=["attention", "rnn", "rat"], chunk_sizes=[4, 16], lengths=[64, 128], seeds=2)
 FULL_GRID = dict(models=list(PAPER_MODELS), chunk_sizes=[1, 4, 16, 64], lengths=[128, 256, 512, 1024], seeds=3)
 
@@ -110,12 +111,12 @@ FULL_GRID = dict(models=list(PAPER_MODELS), chunk_sizes=[1, 4, 16, 64], lengths=
 
 
 def minimum_length(task: str, recipe: Recipe) -> int:
-    return 2 * PASSKEY_TOKENS + 3 if task == "passkey" else 4 * recipe.pairs + 1
+    return 2 * recipe.passkey_tokens + 3 if task == "passkey" else 3 * recipe.pairs
 
 
 def answer_span(task: str, recipe: Recipe) -> int:
     """How many final positions hold every supervised prediction (the logits computed in training)."""
-    return PASSKEY_TOKENS + 1 if task == "passkey" else 2 * recipe.pairs
+    return recipe.passkey_tokens + 1 if task == "passkey" else recipe.pairs
 
 
 def passkey_batch(generator: torch.Generator, batch_size: int, seq_len: int, recipe: Recipe):
@@ -124,33 +125,32 @@ def passkey_batch(generator: torch.Generator, batch_size: int, seq_len: int, rec
     Returns the token ids (batch, seq_len), the labels of the last `answer_span` positions (-100: not scored) and the
     depth of each needle (0: the start of the sequence, 1: just before the question)."""
     ids = recipe.filler_offset + torch.randint(recipe.num_filler, (batch_size, seq_len), generator=generator)
-    passkey = recipe.value_offset + torch.randint(recipe.num_values, (batch_size, PASSKEY_TOKENS), generator=generator)
-    last_start = seq_len - 2 * PASSKEY_TOKENS - 2  # the needle ends before the question
+    passkey = recipe.value_offset + torch.randint(recipe.num_values, (batch_size, recipe.passkey_tokens), generator=generator)
+    last_start = seq_len - 2 * recipe.passkey_tokens - 2  # the needle ends before the question
     start = torch.randint(last_start + 1, (batch_size,), generator=generator)
     rows = torch.arange(batch_size)[:, None]
-    ids[rows, start[:, None] + torch.arange(PASSKEY_TOKENS + 1)] = torch.cat(
+    ids[rows, start[:, None] + torch.arange(recipe.passkey_tokens + 1)] = torch.cat(
         [torch.full((batch_size, 1), MARKER), passkey], dim=1)
-    ids[:, -PASSKEY_TOKENS - 1] = MARKER
-    ids[:, -PASSKEY_TOKENS:] = passkey
+    ids[:, -recipe.passkey_tokens - 1] = MARKER
+    ids[:, -recipe.passkey_tokens:] = passkey
     labels = torch.cat([passkey, torch.full((batch_size, 1), -100)], dim=1)
     return ids, labels, start.float() / max(last_start, 1)
 
 
 def mqar_batch(generator: torch.Generator, batch_size: int, seq_len: int, recipe: Recipe):
-    """`k1 v1 ... kN vN`, filler, then the N keys again in random order, each followed by its value (scored).
+    """`k1 v1 ... kN vN`, filler, then the N keys again in random order; at each of them the model must predict its
+    value (as in Zoology, the values are not repeated in the questions, so answering one question never reveals
+    another's answer).
 
     Returns the token ids, the labels of the last `answer_span` positions and None (no depth)."""
     pairs = recipe.pairs
     keys = recipe.key_offset + torch.rand(batch_size, recipe.num_keys, generator=generator).argsort(dim=1)[:, :pairs]
     values = recipe.value_offset + torch.randint(recipe.num_values, (batch_size, pairs), generator=generator)
     order = torch.rand(batch_size, pairs, generator=generator).argsort(dim=1)
-    asked_keys, asked_values = keys.gather(1, order), values.gather(1, order)
-    filler = recipe.filler_offset + torch.randint(recipe.num_filler, (batch_size, seq_len - 4 * pairs), generator=generator)
+    filler = recipe.filler_offset + torch.randint(recipe.num_filler, (batch_size, seq_len - 3 * pairs), generator=generator)
     context = torch.stack([keys, values], dim=2).flatten(1)
-    questions = torch.stack([asked_keys, asked_values], dim=2).flatten(1)
-    ids = torch.cat([context, filler, questions], dim=1)
-    labels = torch.stack([asked_values, torch.full_like(asked_values, -100)], dim=2).flatten(1)
-    return ids, labels, None
+    ids = torch.cat([context, filler, keys.gather(1, order)], dim=1)
+    return ids, values.gather(1, order), None
 
 
 BATCH_MAKERS = {"passkey": passkey_batch, "mqar": mqar_batch}
@@ -214,8 +214,10 @@ def build_config(run: Run, recipe: Recipe) -> RatConfig:
         hidden_size=recipe.hidden_size,
         num_hidden_layers=recipe.num_layers,
         num_attention_heads=recipe.num_heads,
+        num_qk_groups=math.gcd(2, recipe.num_heads),  # the paper's 2 key/query groups, 1 for a single head
         intermediate_size=4 * recipe.hidden_size,
         max_position_embeddings=run.seq_len,
+        initializer_range=recipe.initializer_range,
     )
     if run.chunk_size is not None:
         overrides["chunk_size"] = run.chunk_size
@@ -550,12 +552,14 @@ def build_parser() -> argparse.ArgumentParser:
     for field, help_text in (
         ("hidden_size", "width D"), ("num_layers", "depth"), ("num_heads", "heads"),
         ("sliding_window", "tokens a sliding-window query sees (hybrids)"),
+        ("initializer_range", "standard deviation of the initial weights"),
         ("short_length", "sequence length of the first training phase"),
         ("short_steps", "steps of the first phase (0: none)"), ("steps", "steps at the run's length"),
         ("batch_size", "sequences per step"), ("learning_rate", "peak AdamW learning rate"),
         ("warmup_steps", "linear warm-up steps (then cosine to a tenth)"), ("weight_decay", "AdamW weight decay"),
         ("num_keys", "MQAR key symbols"), ("num_values", "value symbols (MQAR values, passkey symbols)"),
         ("num_filler", "filler symbols"), ("pairs", "MQAR key-value pairs per sequence"),
+        ("passkey_tokens", "symbols in a passkey"),
         ("eval_examples", "held-out examples per (task, length)"),
     ):
         value = getattr(defaults, field)

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import long_context
-from long_context import MARKER, PASSKEY_TOKENS, Recipe, Run
+from long_context import MARKER, Recipe, Run
 
 
-RECIPE = Recipe(pairs=4, num_keys=16, num_values=16, num_filler=16)
+RECIPE = Recipe(pairs=4, passkey_tokens=3, num_keys=16, num_values=16, num_filler=16)
+PASSKEY_TOKENS = RECIPE.passkey_tokens
 
 
 def test_passkey_batch_hides_the_passkey_once_and_asks_for_it_at_the_end():
@@ -30,21 +31,20 @@ def test_passkey_batch_hides_the_passkey_once_and_asks_for_it_at_the_end():
     assert depth.min() < 0.2 and depth.max() > 0.8, "needles at every depth"
 
 
-def test_mqar_batch_asks_every_key_once_after_the_filler():
+def test_mqar_batch_asks_every_key_once_after_the_filler_without_repeating_values():
     generator = torch.Generator().manual_seed(0)
     ids, labels, _ = long_context.mqar_batch(generator, 32, 48, RECIPE)
     pairs = RECIPE.pairs
-    assert ids.shape == (32, 48) and labels.shape == (32, 2 * pairs)
+    assert ids.shape == (32, 48) and labels.shape == (32, long_context.answer_span("mqar", RECIPE)) == (32, pairs)
     for row, label in zip(ids, labels):
         keys, values = row[0: 2 * pairs: 2], row[1: 2 * pairs: 2]
         assert len(set(keys.tolist())) == pairs
         assert ((keys >= RECIPE.key_offset) & (keys < RECIPE.value_offset)).all()
-        assert (row[2 * pairs: -2 * pairs] >= RECIPE.filler_offset).all()
-        asked, answers = row[-2 * pairs::2], row[-2 * pairs + 1::2]
+        assert (row[2 * pairs: -pairs] >= RECIPE.filler_offset).all()
+        asked = row[-pairs:]
         assert sorted(asked.tolist()) == sorted(keys.tolist())
         expected = {k: v for k, v in zip(keys.tolist(), values.tolist())}
-        assert answers.tolist() == [expected[k] for k in asked.tolist()]
-        assert torch.equal(label[0::2], answers) and (label[1::2] == -100).all()
+        assert label.tolist() == [expected[k] for k in asked.tolist()]
 
 
 def test_every_model_sees_the_same_data_and_the_held_out_set_is_separate():
@@ -96,7 +96,7 @@ def test_results_folder_resumes_and_shares_runs_between_processes(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--models", "attention", "--chunk-sizes", "4"], "add rat to --models"),
-    (["--lengths", "16"], "mqar needs sequences of at least 33 tokens"),
+    (["--lengths", "16"], "mqar needs sequences of at least 24 tokens"),
     (["--chunk-sizes", "0"], "--chunk-sizes must be >= 1"),
     (["--steps", "0"], "--steps must be positive"),
     (["--seeds", "0"], "--seeds must be >= 1"),
