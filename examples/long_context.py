@@ -20,7 +20,7 @@ Tasks (every token id is one symbol; no tokenizer):
 The recipe is the same for every model, length and seed (defaults below, `--help`): D 64, 2 layers, 4 heads, MLP
 4 D, weights drawn with standard deviation 0.1, AdamW (peak 1e-3, 100 warm-up steps, cosine to a tenth, weight
 decay 0.1, clipping 1.0), loss on the answers only; first 1,000 steps of 32 sequences of 32 tokens, where the
-recall circuits form cheaply, then 150 steps of 16 sequences at the run's length. 4 MQAR pairs, 2-token
+recall circuits form cheaply, then 100 steps of 16 sequences at the run's length. 4 MQAR pairs, 2-token
 passkeys, 16 key, value and filler symbols each; hybrids' sliding window 16 tokens, so that their local layers never
 see a pair from its question. Why these: with the default initialisation (0.02) a 2-layer attention model stays on
 the plateau where it copies a value of the context without binding it to its key (0.33 MQAR accuracy after 750
@@ -74,7 +74,7 @@ class Recipe:
     short_length: int = 32
     short_steps: int = 1000
     short_batch_size: int = 32
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_steps: int = 100
@@ -201,10 +201,11 @@ def model_variants(models: list[str], chunk_sizes: list[int]) -> list[tuple[str,
 
 
 def build_grid(tasks, models, chunk_sizes, lengths, seeds) -> list[Run]:
-    """Every run, most informative first: the shortest length (does the recipe work?), then the longest length with
-    all its seeds, then the lengths in between (one seed). Interrupted grids thus miss the middle first."""
+    """Every run, most informative first: the longest length (one seed), the shortest (does the recipe work?), the
+    other seeds of the longest, then the lengths in between (one seed). An interrupted grid misses the middle first."""
     lengths = sorted(lengths)
-    stages = [(lengths[0], [0]), (lengths[-1], list(range(seeds)))] if len(lengths) > 1 else [(lengths[0], list(range(seeds)))]
+    longest, shortest = lengths[-1], lengths[0]
+    stages = [(longest, [0]), (shortest, [0]), (longest, list(range(1, seeds)))]
     stages += [(length, [0]) for length in lengths[1:-1]]
     runs = []
     for seq_len, stage_seeds in stages:
@@ -624,23 +625,30 @@ def main(argv=None) -> list[dict]:
         parser.error(str(error))
     pending = [run for run in runs if not folder.is_done(run)]
     print(f"{len(runs)} runs, {len(runs) - len(pending)} already finished in {args.output}", file=sys.stderr)
-    for run in tqdm(pending, desc="runs", disable=args.no_progress, dynamic_ncols=True):
-        if not folder.claim(run):
-            continue
-        try:
-            record = train_and_evaluate(run, recipe, progress=not args.no_progress)
-            folder.save(run, record)
-        finally:
-            folder.release(run)
-        tqdm.write(f"{run.name}: accuracy {record['accuracy']:.3f}, step {record['train_step_seconds']:.3f}s, "
-                   f"cache {record['cache_bytes']:,} bytes", file=sys.stderr)
-        plot_results(folder.write_summary(), folder.output)
+    bar = tqdm(total=len(pending), desc="runs", disable=args.no_progress, dynamic_ncols=True)
+    claimed_one = True
+    while claimed_one:  # another pass picks up runs whose process has died since the last one
+        claimed_one = False
+        for run in [run for run in pending if not folder.is_done(run)]:
+            if not folder.claim(run):
+                continue
+            claimed_one = True
+            try:
+                record = train_and_evaluate(run, recipe, progress=not args.no_progress)
+                folder.save(run, record)
+            finally:
+                folder.release(run)
+            bar.update()
+            tqdm.write(f"{run.name}: accuracy {record['accuracy']:.3f}, step {record['train_step_seconds']:.3f}s, "
+                       f"cache {record['cache_bytes']:,} bytes", file=sys.stderr)
+            plot_results(folder.write_summary(), folder.output)
+    bar.close()
     records = folder.write_summary()
     plot_results(records, folder.output)
     missing = [run.name for run in runs if not folder.is_done(run)]
     if missing:
-        print(f"{len(missing)} runs not finished here (another process has them, or were interrupted): rerun to "
-              f"complete them.", file=sys.stderr)
+        print(f"{len(missing)} runs are still being trained by other processes: rerun once they have finished, or "
+              f"if they were stopped.", file=sys.stderr)
     return records
 
 

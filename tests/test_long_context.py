@@ -56,10 +56,11 @@ def test_every_model_sees_the_same_data_and_the_held_out_set_is_separate():
     assert not torch.equal(first, other_seed) and not torch.equal(first, held_out)
 
 
-def test_grid_runs_the_shortest_length_then_every_seed_of_the_longest_then_the_rest():
+def test_grid_runs_the_longest_length_then_the_shortest_then_more_seeds_then_the_rest():
     runs = long_context.build_grid(["mqar"], ["attention", "rat"], [4, 16], [128, 256, 512], seeds=3)
-    assert [(r.seq_len, r.seed) for r in runs[:3]] == [(128, 0)] * 3
-    assert [(r.seq_len, r.seed) for r in runs[3:12]] == [(512, s) for s in range(3) for _ in range(3)]
+    assert [(r.seq_len, r.seed) for r in runs[:3]] == [(512, 0)] * 3
+    assert [(r.seq_len, r.seed) for r in runs[3:6]] == [(128, 0)] * 3
+    assert [(r.seq_len, r.seed) for r in runs[6:12]] == [(512, s) for s in (1, 2) for _ in range(3)]
     assert {(r.seq_len, r.seed) for r in runs[12:]} == {(256, 0)}
     assert len(runs) == len(set(runs)) == 3 * 5
     assert {(r.model, r.chunk_size) for r in runs} == {("attention", None), ("rat", 4), ("rat", 16)}
@@ -96,12 +97,12 @@ def test_results_folder_resumes_and_shares_runs_between_processes(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--models", "attention", "--chunk-sizes", "4"], "add rat to --models"),
-    (["--lengths", "16"], "mqar needs sequences of at least 24 tokens"),
+    (["--lengths", "8"], "mqar needs sequences of at least 12 tokens"),
     (["--chunk-sizes", "0"], "--chunk-sizes must be >= 1"),
     (["--steps", "0"], "--steps must be positive"),
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--pairs", "80"], "needs at least as many key symbols"),
-    (["--num-heads", "3"], "attention at 128 tokens"),
+    (["--num-heads", "3"], "attention at 1024 tokens"),
 ])
 def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
