@@ -109,8 +109,8 @@ class Recipe:
 
 MAY_BE_ZERO = {"short_steps", "warmup_steps", "weight_decay"}
 QUICK_RECIPE = Recipe(hidden_size=32, num_heads=2, sliding_window=8, short_length=24, short_steps=60,
-                      short_batch_size=16, steps=20, batch_size=8, warmup_steps=10, eval_examples=64)
-QUICK_GRID = dict(models=["attention", "rnn", "rat"], chunk_sizes=[4, 16], lengths=[64, 128], seeds=2)
+                      short_batch_size=16, steps=20, batch_size=8, warmup_steps=10, eval_examples=32)
+QUICK_GRID = dict(models=["attention", "rnn", "rat"], chunk_sizes=[4, 16], lengths=[32, 64], seeds=2)
 FULL_GRID = dict(models=list(PAPER_MODELS), chunk_sizes=[1, 4, 16, 64], lengths=[128, 256, 512, 1024], seeds=3)
 
 
@@ -488,7 +488,7 @@ def plot_chunk_sizes(records, tasks, output, plt):
     """At the longest length: accuracy, step time and cache bytes of rat against its chunk size, with attention and
     rnn as reference lines."""
     panels = [("accuracy", "accuracy"), ("train_step_seconds", "training step (s, median)"),
-              ("cache_bytes", "decode cache (KiB, one sequence)")]
+              ("cache_bytes", "decode cache (KiB, one sequence, log scale)")]
     figure, axes = plt.subplots(len(tasks), len(panels), figsize=(15, 4 * len(tasks)), squeeze=False)
     for row, task in zip(axes, tasks):
         task_records = [r for r in records if r["task"] == task]
@@ -506,6 +506,8 @@ def plot_chunk_sizes(records, tasks, output, plt):
                 if (task, reference, longest) in stats:
                     axis.axhline(stats[(task, reference, longest)][0] * scale, linestyle=style, color="gray", label=reference)
             style_axis(axis, "RAT chunk size L", title, f"{task}, {longest} tokens")
+            if key == "cache_bytes":
+                axis.set_yscale("log")
     figure.tight_layout()
     figure.savefig(output / "chunk_size.png", dpi=120)
     plt.close(figure)
@@ -520,10 +522,11 @@ def plot_passkey_depth(records, output, plt):
     lengths = sorted({r["seq_len"] for r in passkey})
     columns = min(4, len(labels))
     rows = math.ceil(len(labels) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns + 1, 2.6 * rows + 0.4), squeeze=False,
+                                constrained_layout=True)
     for axis in axes.flat[len(labels):]:
         axis.axis("off")
-    for axis, label in zip(axes.flat, labels):
+    for index, (axis, label) in enumerate(zip(axes.flat, labels)):
         grid = torch.full((len(lengths), DEPTH_BINS), float("nan"))
         for i, seq_len in enumerate(lengths):
             by_depth = [r["accuracy_by_depth"] for r in passkey if r["label"] == label and r["seq_len"] == seq_len]
@@ -534,10 +537,11 @@ def plot_passkey_depth(records, output, plt):
         image = axis.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
         axis.set_xticks(range(DEPTH_BINS), [f"{(b + 0.5) / DEPTH_BINS:.1f}" for b in range(DEPTH_BINS)])
         axis.set_yticks(range(len(lengths)), [str(length) for length in lengths])
-        axis.set_xlabel("needle depth")
-        axis.set_ylabel("length")
+        axis.set_xlabel("needle depth (0: start)")
+        if index % columns == 0:
+            axis.set_ylabel("sequence length")
         axis.set_title(label, fontsize=10)
-    figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="passkey accuracy")
+    figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="passkey accuracy (seeds averaged)")
     figure.savefig(output / "passkey_depth.png", dpi=120)
     plt.close(figure)
 
@@ -556,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lengths", nargs="+", type=int, help="sequence lengths (default 128 256 512 1024)")
     parser.add_argument("--seeds", type=int, help="seeds at the longest length; one seed elsewhere (default 3)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny recipe and grid (attention, rnn, rat L=4/16 at 64 and 128 tokens): checks the pipeline")
+                        help="tiny recipe and grid (attention, rnn, rat L=4/16 at 32 and 64 tokens): checks the pipeline")
     recipe = parser.add_argument_group("recipe (the same for every run)")
     for field, help_text in (
         ("hidden_size", "width D"), ("num_layers", "depth"), ("num_heads", "heads"),

@@ -130,8 +130,8 @@ def test_quick_run_trains_the_grid_plots_it_and_a_rerun_skips_it(tmp_path, capsy
             assert record["cache_bytes"] == layers * 2 * length * width * 4
         elif record["model"] == "rat":  # chunk summaries (1/L of that) plus the running state
             assert record["cache_bytes"] == layers * (2 * (length // record["chunk_size"]) * width * 4 + 2 * width * 4)
-        else:
-            assert record["cache_bytes"] == layers * 2 * width * 4
+        else:  # rnn: the value state alone
+            assert record["model"] == "rnn" and record["cache_bytes"] == layers * width * 4
     for plot in ("accuracy_vs_length.png", "chunk_size.png", "passkey_depth.png"):
         assert (tmp_path / plot).stat().st_size > 10_000
     assert not list((tmp_path / "runs").glob("*.claim"))
