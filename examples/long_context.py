@@ -28,8 +28,8 @@ steps at 32 tokens); at 0.1 it leaves it within 500 steps. The training data of 
 for every model, and all models are scored on one held-out set per (task, length).
 
 Output, in --output: `runs/<run>.json` per finished run (a rerun skips finished runs; several processes can share
-one folder and never train the same run at once), `results.json` ({"recipe": ..., "runs": [...]}, rewritten after
-each run), and the plots `accuracy_vs_length.png`, `chunk_size.png` and `passkey_depth.png`.
+one folder and never train the same run at once), `results.json` ({"recipe": ..., "runs": [...]}) and `results.md` (tables),
+rewritten after each run, and the plots `accuracy_vs_length.png`, `chunk_size.png` and `passkey_depth.png`.
 """
 
 from __future__ import annotations
@@ -439,6 +439,49 @@ def summarize(records: list[dict], key: str):
     return {group: (statistics.fmean(values), min(values), max(values), len(values)) for group, values in groups.items()}
 
 
+def write_tables(records: list[dict], output: Path):
+    """`results.md`: every model at the longest length (accuracy per task, step time, cache bytes), then accuracy by
+    length per task. Cells are means over seeds, with the range when there are several."""
+    if not records:
+        return
+    tasks = [task for task in TASKS if any(r["task"] == task for r in records)]
+    labels = variant_order(records)
+    longest = max(r["seq_len"] for r in records)
+    accuracy = summarize(records, "accuracy")
+
+    def cell(stats):
+        if stats is None:
+            return "-"
+        mean, low, high, count = stats
+        return f"{mean:.3f}" + (f" ({low:.2f}-{high:.2f}, {count} seeds)" if count > 1 else "")
+
+    lines = [f"Accuracy at {longest} tokens (mean over seeds, min-max), median training-step time at that length and "
+             f"decode-cache bytes after reading one sequence of that length.", "",
+             "| model | " + " | ".join(tasks) + " | training step (s) | decode cache (bytes) |",
+             "|---|" + "---|" * (len(tasks) + 2)]
+    for label in labels:
+        at_longest = [r for r in records if r["label"] == label and r["seq_len"] == longest]
+        if not at_longest:
+            continue
+        step = statistics.fmean(r["train_step_seconds"] for r in at_longest)
+        lines.append(f"| {label} | " + " | ".join(cell(accuracy.get((task, label, longest))) for task in tasks)
+                     + f" | {step:.2f} | {at_longest[0]['cache_bytes']:,} |")
+    for task in tasks:
+        lengths = sorted({r["seq_len"] for r in records if r["task"] == task})
+        lines += ["", f"{task}: accuracy by length (mean over seeds)", "",
+                  "| model | " + " | ".join(str(length) for length in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        for label in labels:
+            stats = [accuracy.get((task, label, length)) for length in lengths]
+            if any(stats):
+                lines.append(f"| {label} | " + " | ".join("-" if s is None else f"{s[0]:.3f}" for s in stats) + " |")
+    (output / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def report(records: list[dict], output: Path):
+    write_tables(records, output)
+    plot_results(records, output)
+
+
 def plot_results(records: list[dict], output: Path):
     import matplotlib
 
@@ -645,10 +688,10 @@ def main(argv=None) -> list[dict]:
             bar.update()
             tqdm.write(f"{run.name}: accuracy {record['accuracy']:.3f}, step {record['train_step_seconds']:.3f}s, "
                        f"cache {record['cache_bytes']:,} bytes", file=sys.stderr)
-            plot_results(folder.write_summary(), folder.output)
+            report(folder.write_summary(), folder.output)
     bar.close()
     records = folder.write_summary()
-    plot_results(records, folder.output)
+    report(records, folder.output)
     missing = [run.name for run in runs if not folder.is_done(run)]
     if missing:
         print(f"{len(missing)} runs are still being trained by other processes: rerun once they have finished, or "

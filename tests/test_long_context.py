@@ -135,6 +135,8 @@ def test_quick_run_trains_the_grid_plots_it_and_a_rerun_skips_it(tmp_path, capsy
     for plot in ("accuracy_vs_length.png", "chunk_size.png", "passkey_depth.png"):
         assert (tmp_path / plot).stat().st_size > 10_000
     assert not list((tmp_path / "runs").glob("*.claim"))
+    table = (tmp_path / "results.md").read_text()
+    assert "Accuracy at 64 tokens" in table and "| rat L=4 |" in table and "(2 seeds)" in table
 
     capsys.readouterr()
     again = long_context.main(["--quick", "--output", str(tmp_path), "--no-progress"])
