@@ -51,6 +51,14 @@ def test_position_bands_start_with_the_training_length_and_double():
     assert evaluate.position_bands(48, 16) == [(1, 16), (16, 32), (32, 48)]
 
 
+def test_the_curve_averages_the_loss_over_log_spaced_bins():
+    curve = evaluate.log_spaced_means(torch.arange(1, 4096, dtype=torch.float64))
+    assert curve["positions"][:4] == [1, 2, 3, 4] and curve["loss"][:4] == [1, 2, 3, 4], "one position per bin at first"
+    widths = torch.tensor(curve["positions"][-9:]).log2().diff()
+    assert torch.allclose(widths, torch.full_like(widths, 1 / 8), atol=0.02), "eight bins per octave"
+    assert curve["loss"][-1] == pytest.approx(curve["positions"][-1], rel=0.01), "a bin's mean position"
+
+
 def test_loss_by_position_is_the_mean_next_token_loss_of_each_position():
     model = tiny_model(("rat", "full_attention"))
     sequences = torch.randint(1, 61, (3, 20), generator=torch.Generator().manual_seed(0))
@@ -74,7 +82,9 @@ def test_extrapolation_writes_the_table_the_curve_and_the_plot(checkpoints, text
         assert [band["positions"] for band in result["bands"]] == [[1, 16], [16, 32], [32, 48]]
         for band in result["bands"]:
             assert band["perplexity"] == pytest.approx(torch.tensor(band["loss"]).exp().item())
-        assert len(result["curve"]["loss"]) == 47
+        positions, curve = result["curve"]["positions"], result["curve"]["loss"]
+        assert positions == sorted(positions) and positions[0] == 1 and positions[-1] < 48 and len(curve) == len(positions)
+        assert min(curve) <= result["bands"][0]["loss"] <= max(curve)
     stored = json.loads((output / "extrapolation.json").read_text())
     assert stored["settings"]["max_length"] == 48 and len(stored["models"]) == 2
     table = (output / "extrapolation.md").read_text()
