@@ -29,7 +29,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["configuration_rat", "modeling_rat"],
+    packages=["configuration_rat", "modeling_rat", "modeling_rat.hub", "modeling_rat.training"],
+    package_data={"modeling_rat.hub": ["model_card_template.md"]},
     py_modules=["hub_upload"],
     install_requires=[
         "torch>=2.5",
@@ -40,7 +41,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "bench": ["matplotlib>=3.8", "tqdm>=4.66"],
+        "bench": ["matplotlib>=3.8", "tqdm>=4.66", "psutil>=5.9"],
         "train": TRAIN,
         "eval": EVAL,
         # triton in dev: the kernel tests run on CPUs too, under Triton's interpreter (wheels exist for Linux only)

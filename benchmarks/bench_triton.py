@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -38,8 +37,6 @@ import torch
 
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 if not torch.cuda.is_available():
     # Without a GPU the Triton kernels can only run under Triton's interpreter, which must be chosen before the
@@ -48,7 +45,8 @@ if not torch.cuda.is_available():
 
 from configuration_rat import RatConfig  # noqa: E402
 from modeling_rat.cache_rat import RatChunkCacheLayer  # noqa: E402
-from modeling_rat.modeling_rat import RatAttention, RatMixer, RatSequenceLayout  # noqa: E402
+from modeling_rat.modeling_rat import RatAttention, RatMixer  # noqa: E402
+from modeling_rat.rat_layout import RatSequenceLayout  # noqa: E402
 from modeling_rat.rat_ops import apply_rotary, rotary_cos_sin  # noqa: E402
 
 
@@ -349,7 +347,7 @@ def prefilled_rat_cache(mixer, batch, context, device, dtype, tokens_per_call):
         for start in range(0, context, piece):
             length = min(piece, context - start)
             hidden = torch.randn(batch, length, mixer.hidden_size, device=device, dtype=dtype, generator=generator)
-            layout = RatSequenceLayout.build(batch, length, device, past_columns=cache_layer.get_seq_length())
+            layout = RatSequenceLayout.build(batch, length, device, cached_columns=cache_layer.get_seq_length())
             run_rat(mixer, "fast", hidden, cache_layer, layout)
     return cache_layer
 
@@ -366,7 +364,7 @@ def bench_decode(config, mixers, batch, context, device, dtype, args, attention_
     def rat_steps(implementation):
         """A fresh copy of the cache and the step function: each call decodes the next token (the cache grows)."""
         cache_layer = copy.deepcopy(prefilled)
-        layouts = iter([RatSequenceLayout.build(batch, 1, device, past_columns=context + step)
+        layouts = iter([RatSequenceLayout.build(batch, 1, device, cached_columns=context + step)
                         for step in range(num_calls + 1)])  # built ahead: not timed
 
         def step():
@@ -412,16 +410,16 @@ def bench_decode(config, mixers, batch, context, device, dtype, args, attention_
 
     completed = torch.full((batch,), context // config.chunk_size, device=device)
     summaries = prefilled.keys[:, :, : context // config.chunk_size], prefilled.values[:, :, : context // config.chunk_size]
-    query = torch.randn(batch, 1, heads, 1, head_dim, device=device, dtype=dtype)
-    own_score = torch.randn(batch, 1, heads, 1, device=device)
-    own_value = torch.randn(batch, 1, heads, 1, head_dim, device=device, dtype=dtype)
+    query = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
+    own_score = torch.randn(batch, heads, device=device)
+    own_value = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
     scale = 1 / math.sqrt(head_dim)
 
     def rat_core():
         with torch.no_grad():
-            return rat_triton.chunk_attention(query, own_score, own_value, *summaries, completed, scale)
+            return rat_triton.decode_attention(query, own_score, own_value, *summaries, completed, scale)
 
-    query_heads = query[:, 0, :, :, :]  # (B, H, 1, d)
+    query_heads = query[:, :, None, :]  # (B, H, 1, d)
 
     def attention_core():
         with torch.no_grad(), sdpa_backends(attention_backends):
@@ -524,7 +522,7 @@ def main(argv=None):
     config = RatConfig(
         hidden_size=args.hidden_size, num_attention_heads=args.num_heads, num_qk_groups=args.num_qk_groups,
         chunk_size=args.chunk_size, num_hidden_layers=1, layer_types=["rat"], vocab_size=256,
-        max_position_embeddings=max(args.seq_lens), initializer_range=0.02,
+        initializer_range=0.02,
     )
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()})"
     peak_tflops, peak_bandwidth = gpu_peaks(name) if gpu else (None, None)

@@ -1,346 +1,89 @@
-"""PyTorch RAT model: `RatModel` and `RatForCausalLM`.
+"""PyTorch RAT model: `RatModel`, `RatForCausalLM` and task heads.
 
 Read top to bottom:
 
-1. `RatSequenceLayout`: where each token of a batch sits (its position inside its own sequence, padding, packed
-   sequences, what a cache already holds), computed once per forward and shared by all layers.
-2. The four token mixers of the paper's model family: `RatMixer` (chunked recurrence + inter-chunk attention),
-   `RatRecurrentMixer` (the rnn layer), `RatAttention` (full or sliding-window softmax attention).
-3. `RatDecoderLayer`: pre-norm residual block, mixer then GELU MLP.
+1. `RatRMSNorm`, `RatMLP`: the block's norm and GELU MLP.
+2. The token mixers of the paper's model family: `RatMixer` (chunked recurrence + inter-chunk attention) and
+   `RatRecurrentMixer` (the rnn layer), both on `RatGatedRecurrence`; `RatAttention` (full or sliding window).
+3. `RatDecoderLayer`: pre-norm residual block, mixer then MLP.
 4. `RatPreTrainedModel`, `RatModel`, `RatForCausalLM`.
+5. Task heads (transformers' generic heads): `RatForSequenceClassification`, `RatForTokenClassification`,
+   `RatForQuestionAnswering`.
 
-The RAT mixer's computations live in `rat_ops.py` (PyTorch reference and fast path) and, on GPUs, `rat_triton.py`.
-This folder's files are copied next to saved weights, so that `trust_remote_code=True` loading needs no install.
+Beside this file: `rat_layout.py` (where each token of a batch sits: padding, packing, the grid of chunks),
+`rat_backends.py` (the table of ways RAT layers compute: reference, fast PyTorch, Triton), `rat_ops.py` (the PyTorch
+computations), `rat_triton.py` (GPU kernels), `cache_rat.py` (the cache layers, which own their state). These files
+are copied next to saved weights, so that `trust_remote_code=True` loading needs no install.
 """
 
+import functools
 import math
-import sys
-from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
-
-from .cache_rat import RatChunkCacheLayer, RatRecurrentCacheLayer, cache_nbytes
-from .rat_ops import (
-    apply_rotary,
-    chunk_attention,
-    chunk_scan,
-    decode_attention,
-    gated_chunk_scan,
-    linear_recurrence,
-    rat_reference,
-    rnn_reference,
-    rotary_cos_sin,
-    sliding_window_attention,
-    tile_groups,
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
+
+from .cache_rat import (
+    RatChunkCacheLayer,
+    RatRecurrentCacheLayer,
+    adopt_cache_layers,
+    cache_dtype_error,
+    cache_nbytes,
+    detach_cache,
+    holds_padding,
+    note_padding,
+)
+from .rat_backends import RatBackend, select_rat_backend
+from .rat_layout import RatSequenceLayout, require_integer_tensor
+from .rat_ops import apply_rotary, attention_containing_faults, rotary_cos_sin, tile_groups
 
 
-try:  # inside a remote-code folder the configuration is a sibling file
-    from .configuration_rat import RatConfig
-except ImportError:  # installed package
-    from configuration_rat import RatConfig
+from .configuration_rat import RatConfig
 
 
 logger = logging.get_logger(__name__)
-
-# The folder of this file and its sibling modules: the code bundled next to the weights of every saved model.
-MODEL_CODE_DIRECTORY = Path(__file__).resolve().parent
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`.
 CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
-# ================================================================================================ sequence layout
-
-
-class RatSequenceLayout:
+def accepts_past_key_values(forward):
     """
-    Where every token of a batch sits, computed once per forward from `attention_mask`, `position_ids` and the cache.
-
-    * `valid` (B, T): False for padding. Padding never enters any state and no real token attends to it.
-    * `positions` (B, T): position of each token inside its own sequence (padding and earlier packed sequences do
-      not count). Given `position_ids` win; otherwise they are derived from the mask (cumsum - 1), continuing what
-      the cache holds, as `generate()` does.
-    * A new sequence starts at a row's first real token and wherever a position does not continue the previous real
-      token's (sequences packed in one row with positions restarting at 0).
-    * `simple`: one sequence per row, from position 0 in column 0, no padding, empty cache: the mixers then reshape
-      instead of gathering (the common training and prefill case).
+    The forwards take the cache as `cache` and accept the name transformers used before 5.24, `past_key_values`: with
+    5.24's deprecation warning (as its own models give), or silently before 5.24, where it is the name that generate()
+    and the generic task heads pass.
     """
+    if CACHE_FIELD == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
 
-    def __init__(self, valid, positions, simple, past_seen=None, past_columns=0, key_valid=None, key_positions=None):
-        self.valid = valid
-        self.positions = positions
-        self.simple = simple
-        self.past_seen = past_seen  # (B,) real tokens the cache holds per row, or None
-        self.past_columns = past_columns  # tokens the cache holds per row, padding included
-        self.key_valid = key_valid  # (B, past + T): which columns are real tokens (attention layers)
-        self.key_positions = key_positions  # (B, past + T): their positions
-        self._segments = None
-        self._chunk_grids = {}
+    @functools.wraps(forward)
+    def forward_taking_past_key_values(self, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            if kwargs.get("cache") is not None:
+                raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
+            kwargs["cache"] = past_key_values
+        return forward(self, *args, **kwargs)
 
-    @classmethod
-    def build(cls, batch_size, seq_len, device, attention_mask=None, position_ids=None, past_columns=0, has_padding=False):
-        total = past_columns + seq_len
-        if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError(
-                    f"RAT models take a 2-D padding mask (batch, tokens), got shape {tuple(attention_mask.shape)}: "
-                    "pass the tokenizer's `attention_mask` (1 for real tokens, 0 for padding)."
-                )
-            if attention_mask.shape != (batch_size, total):
-                raise ValueError(
-                    f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected ({batch_size}, {total}): one "
-                    f"column per token, the {past_columns} the cache holds followed by the {seq_len} new ones."
-                )
-            key_valid = attention_mask.to(device=device, dtype=torch.bool)
-        else:
-            if has_padding:
-                raise ValueError(
-                    "The cache holds a padded batch: pass the full `attention_mask` (past and new tokens) with every "
-                    "call, as generate() does, so that padding stays out of the state."
-                )
-            key_valid = None
-        valid = key_valid[:, past_columns:] if key_valid is not None else torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
-        key_positions = None
-        if key_valid is not None:
-            key_positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
-            past_seen = key_valid[:, :past_columns].sum(-1)
-        else:
-            past_seen = torch.full((batch_size,), past_columns, dtype=torch.long, device=device)
-        if position_ids is not None:
-            positions = position_ids.to(device=device, dtype=torch.long)
-            if positions.dim() == 1:
-                positions = positions.unsqueeze(0)
-            if positions.dim() != 2 or positions.shape[1] != seq_len or positions.shape[0] not in (1, batch_size):
-                raise ValueError(
-                    f"`position_ids` has shape {tuple(position_ids.shape)} but the input has {batch_size} rows of "
-                    f"{seq_len} new tokens: give one position per new token, shape ({batch_size}, {seq_len})."
-                )
-            positions = positions.expand(batch_size, seq_len)
-        elif key_positions is not None:
-            positions = key_positions[:, past_columns:]
-        else:
-            positions = past_columns + torch.arange(seq_len, device=device).unsqueeze(0).expand(batch_size, seq_len)
-        positions = torch.where(valid, positions, torch.zeros_like(positions))
-        simple = False
-        if past_columns == 0 and (key_valid is None or bool(key_valid.all())):
-            simple = position_ids is None or bool((positions == torch.arange(seq_len, device=device)).all())
-        if key_positions is None:
-            key_positions = torch.arange(total, device=device).unsqueeze(0).expand(batch_size, total)
-            if position_ids is not None and past_columns == 0:
-                key_positions = positions
-        return cls(valid, positions, simple, past_seen if past_columns else None, past_columns, key_valid, key_positions)
-
-    # -------------------------------------------------------------------------------------------- segments
-
-    @property
-    def segments(self) -> dict:
-        if self._segments is None:
-            self._segments = self._find_segments()
-        return self._segments
-
-    def _find_segments(self) -> dict:
-        """The sequences ("segments") of the batch: row, first position and length of each, and each token's one."""
-        valid, positions = self.valid, self.positions
-        batch_size, seq_len = valid.shape
-        device = valid.device
-        columns = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
-        last_valid = torch.cummax(torch.where(valid, columns, torch.full_like(columns, -1)), dim=1).values
-        previous = torch.cat([torch.full_like(last_valid[:, :1], -1), last_valid[:, :-1]], dim=1)
-        has_previous = previous >= 0
-        previous_position = positions.gather(1, previous.clamp(min=0))
-        starts = valid & (~has_previous | (positions != previous_position + 1))
-        segment_of_token = torch.where(valid, starts.reshape(-1).long().cumsum(0).reshape(batch_size, seq_len) - 1, -1)
-        start_rows, start_columns = starts.nonzero(as_tuple=True)
-        num_segments = start_rows.shape[0]
-        lengths = torch.bincount(segment_of_token[valid], minlength=num_segments)
-        first_positions = positions[start_rows, start_columns]
-        continues_cache = torch.zeros(num_segments, dtype=torch.bool, device=device)
-        if self.past_seen is not None:
-            first_of_row = ~has_previous[start_rows, start_columns]
-            continues_cache = first_of_row & (self.past_seen[start_rows] > 0)
-            bad = continues_cache & (first_positions != self.past_seen[start_rows])
-            if bool(bad.any()):
-                row = int(start_rows[bad][0])
-                raise ValueError(
-                    f"Row {row} continues a cache holding {int(self.past_seen[row])} tokens, so its next position is "
-                    f"{int(self.past_seen[row])}, but `position_ids` give {int(first_positions[bad][0])}. Omit "
-                    "`position_ids` (they are derived from the attention mask) or make them continue the cache."
-                )
-            rows_with_history = start_rows[continues_cache]
-            segments_per_row = torch.bincount(start_rows, minlength=batch_size)
-            if bool((segments_per_row[rows_with_history] > 1).any()):
-                raise ValueError("Packed sequences (positions restarting inside a row) cannot continue a cache.")
-        return {
-            "count": num_segments,
-            "row": start_rows,
-            "first_position": first_positions,
-            "length": lengths,
-            "of_token": segment_of_token,
-            "continues_cache": continues_cache,
-        }
-
-    @property
-    def num_sequences(self) -> int:
-        """How many sequences (segments) have tokens in this forward."""
-        return self.valid.shape[0] if self.simple else self.segments["count"]
-
-    @property
-    def has_packed_rows(self) -> bool:
-        if self.simple or self.valid.shape[1] == 1:
-            return False
-        return self.segments["count"] > int(self.valid.any(dim=1).sum())
-
-    def chunk_grid(self, chunk_size: int) -> "ChunkGrid":
-        if chunk_size not in self._chunk_grids:
-            self._chunk_grids[chunk_size] = ChunkGrid(self, chunk_size)
-        return self._chunk_grids[chunk_size]
-
-    def attention_mask_for(self, key_columns: torch.Tensor | None, sliding_window: int | None):
-        """
-        Boolean mask (B, 1, T, K) of which keys each query sees, or None when `is_causal` suffices. `key_columns`
-        (K,) or (B, K) are the columns of the keys (None: the T new tokens themselves, no cache).
-        """
-        batch_size, seq_len = self.valid.shape
-        if key_columns is None:
-            if self.simple and sliding_window is None:
-                return None
-            query_columns = torch.arange(seq_len, device=self.valid.device)
-            allowed = query_columns[None, None, :] <= query_columns[None, :, None]
-            allowed = allowed & self.valid[:, None, :]
-            if not self.simple:
-                segment = self.segments["of_token"]
-                allowed = allowed & (segment[:, :, None] == segment[:, None, :])
-            if sliding_window is not None:
-                distance = self.positions[:, :, None] - self.positions[:, None, :]
-                allowed = allowed & (distance < sliding_window)
-        else:
-            query_columns = self.past_columns + torch.arange(seq_len, device=self.valid.device)
-            key_columns = key_columns if key_columns.dim() == 2 else key_columns.unsqueeze(0).expand(batch_size, -1)
-            total = self.key_positions.shape[1]
-            in_range = key_columns < total
-            safe_columns = key_columns.clamp(max=total - 1)
-            allowed = (key_columns[:, None, :] <= query_columns[None, :, None]) & in_range[:, None, :]
-            if self.key_valid is not None:
-                allowed = allowed & self.key_valid.gather(1, safe_columns)[:, None, :]
-            if sliding_window is not None:
-                key_positions = self.key_positions.gather(1, safe_columns)
-                distance = self.positions[:, :, None] - key_positions[:, None, :]
-                allowed = allowed & (distance < sliding_window)
-        # A padding query would see nothing; let it see anything (its output is never used) to avoid NaN.
-        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-        return allowed.unsqueeze(1)
+    return forward_taking_past_key_values
 
 
-class ChunkGrid:
-    """
-    Tokens arranged as (rows, chunks, chunk_size) so that every chunk of every sequence is one row of a tensor:
-    each sequence of the batch becomes a grid row whose chunk i is its chunk `first_chunk + i`; token at position p
-    sits at (its sequence, p // L - first_chunk, p % L). Empty slots get gate 1 and input 0, which leave a
-    recurrence unchanged. In the `simple` layout this is a reshape; otherwise a gather/scatter.
-    """
-
-    def __init__(self, layout: RatSequenceLayout, chunk_size: int):
-        self.chunk_size = chunk_size
-        self.layout = layout
-        batch_size, seq_len = layout.valid.shape
-        device = layout.valid.device
-        if layout.simple:
-            self.num_rows = batch_size
-            self.num_chunks = max(1, -(-seq_len // chunk_size))
-            self.first_chunk = torch.zeros(batch_size, dtype=torch.long, device=device)
-            self.row_of_batch = torch.arange(batch_size, device=device)
-            self.continues_cache = torch.zeros(batch_size, dtype=torch.bool, device=device)
-            self.last_position = torch.full((batch_size,), seq_len - 1, dtype=torch.long, device=device)
-            return
-        segments = layout.segments
-        first_position = segments["first_position"]
-        last_position = first_position + segments["length"] - 1
-        self.first_chunk = torch.div(first_position, chunk_size, rounding_mode="floor")
-        chunk_counts = torch.div(last_position, chunk_size, rounding_mode="floor") - self.first_chunk + 1
-        self.num_rows = segments["count"]
-        self.num_chunks = int(chunk_counts.max()) if self.num_rows else 1
-        self.row_of_batch = segments["row"]
-        self.continues_cache = segments["continues_cache"]
-        self.last_position = last_position
-        valid_flat = layout.valid.reshape(-1)
-        self.token_index = valid_flat.nonzero(as_tuple=True)[0]  # flat (B*T) index of each real token
-        segment = segments["of_token"].reshape(-1)[self.token_index]
-        position = layout.positions.reshape(-1)[self.token_index]
-        chunk = torch.div(position, chunk_size, rounding_mode="floor") - self.first_chunk[segment]
-        self.grid_index = (segment * self.num_chunks + chunk) * chunk_size + position % chunk_size
-
-    @classmethod
-    def whole_sequences(cls, layout: "RatSequenceLayout") -> "ChunkGrid":
-        """One grid row per sequence holding all its tokens as a single chunk (for recurrences over sequences)."""
-        if layout.simple:
-            return cls(layout, layout.valid.shape[1])
-        grid = cls.__new__(cls)
-        grid.layout = layout
-        segments = layout.segments
-        grid.num_rows = segments["count"]
-        grid.chunk_size = int(segments["length"].max()) if grid.num_rows else 1
-        grid.num_chunks = 1
-        grid.first_chunk = torch.zeros_like(segments["row"])
-        grid.row_of_batch = segments["row"]
-        grid.continues_cache = segments["continues_cache"]
-        grid.last_position = segments["length"] - 1  # positions counted from each sequence's first token
-        grid.token_index = layout.valid.reshape(-1).nonzero(as_tuple=True)[0]
-        segment = segments["of_token"].reshape(-1)[grid.token_index]
-        offset = layout.positions.reshape(-1)[grid.token_index] - segments["first_position"][segment]
-        grid.grid_index = segment * grid.chunk_size + offset
-        return grid
-
-    @property
-    def chunk_index(self) -> torch.Tensor:
-        """(rows, chunks): the absolute chunk index (rotary position) of every grid chunk."""
-        return self.first_chunk[:, None] + torch.arange(self.num_chunks, device=self.first_chunk.device)
-
-    def to_grid(self, tokens: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """(B, T, *feature) -> (rows, chunks, L, *feature)."""
-        batch_size, seq_len = tokens.shape[:2]
-        feature = tokens.shape[2:]
-        size = self.num_chunks * self.chunk_size
-        if self.layout.simple:
-            if size != seq_len:
-                pad_shape = (batch_size, size - seq_len, *feature)
-                tokens = torch.cat([tokens, tokens.new_full(pad_shape, fill)], dim=1)
-            return tokens.reshape(batch_size, self.num_chunks, self.chunk_size, *feature)
-        flat = tokens.reshape(batch_size * seq_len, *feature)[self.token_index]
-        grid = tokens.new_full((self.num_rows * size, *feature), fill)
-        grid = grid.index_copy(0, self.grid_index, flat)
-        return grid.reshape(self.num_rows, self.num_chunks, self.chunk_size, *feature)
-
-    def from_grid(self, grid: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """(rows, chunks, L, *feature) -> (B, T, *feature); padding tokens get zeros."""
-        feature = grid.shape[3:]
-        if self.layout.simple:
-            return grid.reshape(self.num_rows, -1, *feature)[:, :seq_len]
-        batch_size = self.layout.valid.shape[0]
-        flat = grid.reshape(-1, *feature)[self.grid_index]
-        tokens = grid.new_zeros(batch_size * seq_len, *feature).index_copy(0, self.token_index, flat)
-        return tokens.reshape(batch_size, seq_len, *feature)
-
-    def last_token(self, grid: torch.Tensor) -> torch.Tensor:
-        """(rows, chunks, L, *feature) -> (rows, *feature): the slot of each sequence's last token."""
-        chunk = torch.div(self.last_position, self.chunk_size, rounding_mode="floor") - self.first_chunk
-        index = chunk * self.chunk_size + self.last_position % self.chunk_size
-        flat = grid.reshape(self.num_rows, -1, *grid.shape[3:])
-        return flat[torch.arange(self.num_rows, device=grid.device), index]
-
-
-# ======================================================================================================== mixers
+# ========================================================================================================= blocks
 
 
 class RatRMSNorm(nn.Module):
@@ -375,107 +118,98 @@ class RatMLP(nn.Module):
         return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
 
 
-class RatMixer(nn.Module):
-    """
-    The RAT token mixer. With x the normalised input:
+# ======================================================================================================== mixers
 
-        z = sigmoid(output_gate_proj(x))       v = v_proj(x)       f = sigmoid(forget_gate_proj(x) + forget_gate_bias)
-        q = q_proj(x), k = k_proj(x)           (G * d each, tiled over the H heads)
 
-    inside each chunk of L tokens, value and key are summarised by the gated recurrence
-    `s_t = f_t * s_{t-1} + (1 - f_t) * x_t` (restarting at each chunk); across chunks, each token attends with one
-    softmax to the rotated summaries of all earlier chunks plus its own running summary (rotary angle = chunk
-    index); the output is `o_proj(z * attention)`.
+class RatGatedRecurrence(nn.Module):
     """
+    What the RAT and rnn mixers share: the gated recurrence `s_t = f_t * s_{t-1} + (1 - f_t) * v_t` with the forget
+    gate `f = sigmoid(forget_gate_proj(x) + forget_gate_bias)` (fp32), the output gate `z = sigmoid(
+    output_gate_proj(x))`, `o_proj(z * mixed)`; a cache layer of their own kind; one new token on a filled cache
+    (decoding) or any number of tokens (a sequence). Subclasses compute `mixed` in `_sequence` and `_decode`.
+    """
+
+    cache_layer_class = None
 
     def __init__(self, config: RatConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-        self.num_qk_groups = config.num_qk_groups
-        self.chunk_size = config.chunk_size
         self.output_gate_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
         self.v_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
         self.forget_gate_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
         self.forget_gate_bias = nn.Parameter(torch.zeros(self.hidden_size))
-        self.q_proj = nn.Linear(self.hidden_size, self.num_qk_groups * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(self.hidden_size, self.num_qk_groups * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor, layout: RatSequenceLayout, cache_layer=None) -> torch.Tensor:
-        implementation = resolve_rat_implementation(self.config, hidden_states.device, hidden_states.dtype)
-        if cache_layer is not None and not isinstance(cache_layer, RatChunkCacheLayer):
+    def forward(self, hidden_states, layout: RatSequenceLayout, cache_layer=None, backend: RatBackend | None = None):
+        if backend is None:
+            backend = select_rat_backend(self.config, hidden_states.device, hidden_states.dtype)
+        if cache_layer is not None and not isinstance(cache_layer, self.cache_layer_class):
             raise ValueError(
-                f"Layer {self.layer_idx} is a RAT layer but its cache layer is a {type(cache_layer).__name__}: the cache "
-                "belongs to another model (or was not built from this model's config). Let the model create it, or use "
-                "DynamicCache(config=model.config)."
+                f"Layer {self.layer_idx} is a {self.config.layer_types[self.layer_idx]} layer but its cache layer is a "
+                f"{type(cache_layer).__name__}: the cache belongs to another model (or was not built from this model's "
+                "config). Let the model create it, or use DynamicCache(config=model.config)."
             )
-        if implementation == "reference":
-            if cache_layer is not None:
-                raise ValueError(
-                    "rat_implementation='reference' is the plain test oracle and runs without a cache: call it with "
-                    "use_cache=False, or use the 'fast' implementation."
-                )
-            attention = rat_reference(
-                self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
-                self._forget_gate(hidden_states), layout.positions, layout.valid,
-                self.chunk_size, self.num_heads, self.config.rope_theta,
-            )
-        elif cache_layer is not None and hidden_states.shape[1] == 1 and cache_layer.is_initialized:
-            attention = self._decode_step(
-                self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
-                self._forget_gate(hidden_states), layout, cache_layer, implementation,
-            )
+        if cache_layer is not None and hidden_states.shape[1] == 1 and not cache_layer.is_empty:
+            mixed = self._decode(hidden_states, layout, cache_layer, backend)
         else:
-            attention = self._chunked(hidden_states, layout, cache_layer, implementation)
-        # The output gate is computed last, so that it is not held while the attention is computed.
-        return self.o_proj(torch.sigmoid(self.output_gate_proj(hidden_states)) * attention)
+            mixed = self._sequence(hidden_states, layout, cache_layer, backend)
+        # The output gate is computed last, so that it is not held while the mixing is computed.
+        return self.o_proj(torch.sigmoid(self.output_gate_proj(hidden_states)) * mixed)
 
-    def _forget_gate(self, hidden_states):
+    def forget_gate(self, hidden_states):
         """f = sigmoid(W_f x + b_f), in fp32."""
         return torch.sigmoid(self.forget_gate_proj(hidden_states).float() + self.forget_gate_bias.float())
 
-    # ----------------------------------------------------------------------------------------- fast path
+    def compute_dtype(self, hidden_states):
+        """The dtype of the projections' outputs (autocast's when it is on)."""
+        device_type = hidden_states.device.type
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.v_proj.weight.dtype
 
-    def _chunked(self, hidden_states, layout, cache_layer, implementation="fast"):
+
+class RatMixer(RatGatedRecurrence):
+    """
+    The RAT token mixer. With x the normalised input:
+
+        z = sigmoid(output_gate_proj(x))       v = v_proj(x)       f = sigmoid(forget_gate_proj(x) + forget_gate_bias)
+        q = q_proj(x), k = k_proj(x)           (G * d each, tiled over the H heads: head h reads group h % G)
+
+    inside each chunk of L tokens, value and key are summarised by the gated recurrence (restarting at each chunk);
+    across chunks, each token attends with one softmax to the rotated summaries of all earlier chunks plus its own
+    running summary (rotary angle = chunk index); the output is `o_proj(z * attention)`.
+    """
+
+    cache_layer_class = RatChunkCacheLayer
+
+    def __init__(self, config: RatConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.num_qk_groups = config.num_qk_groups
+        self.chunk_size = config.chunk_size
+        self.q_proj = nn.Linear(self.hidden_size, self.num_qk_groups * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(self.hidden_size, self.num_qk_groups * self.head_dim, bias=False)
+
+    def _sequence(self, hidden_states, layout, cache_layer, backend):
         """
         Any number of tokens: the chunk scan on the grid of chunks, then one inter-chunk attention call. Projections
         are computed where they are needed and dropped after use, which keeps the peak memory low.
         """
-        chunk_scan, chunk_attention = _rat_kernels(implementation)
         batch_size, seq_len, hidden_size = hidden_states.shape
         heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
         groups, copies = self.num_qk_groups, heads // self.num_qk_groups
-        device = hidden_states.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.v_proj.weight.dtype
+        dtype = self.compute_dtype(hidden_states)
         if cache_layer is not None:
-            cache_layer.prepare(batch_size, heads, head_dim, chunk_size, dtype, device)
-        if layout.num_sequences == 0:  # only padding: nothing enters the state, outputs are never used
-            if cache_layer is not None:
-                cache_layer.skip_columns(seq_len)
-            return hidden_states.new_zeros(hidden_states.shape)
+            cache_layer.prepare(batch_size, heads, head_dim, chunk_size, dtype, hidden_states.device)
         grid = layout.chunk_grid(chunk_size)
+        resume = cache_layer.resume(grid.batch_row) if cache_layer is not None else None
 
-        initial_state, history_keys, history_values, history_count = None, None, None, None
-        if cache_layer is not None and bool(grid.continues_cache.any()):
-            rows = grid.row_of_batch
-            seen = cache_layer.seen[rows]
-            resume = grid.continues_cache & (seen % chunk_size != 0)
-            initial_state = torch.where(resume[:, None, None], cache_layer.running_state[rows], 0.0)
-            history_count = torch.where(grid.continues_cache, cache_layer.completed_chunks()[rows], 0)
-            num_history = int(history_count.max())
-            history_keys = cache_layer.keys[rows, :, :num_history]
-            history_values = cache_layer.values[rows, :, :num_history]
-
-        states = gated_chunk_scan(  # (N, C, L, 2, D) fp32: running [value, key] sums
-            grid.to_grid(self._forget_gate(hidden_states), fill=1.0),
+        states = backend.gated_chunk_scan(  # (N, C, L, 2, D) fp32: running [value, key] sums
+            grid.to_grid(self.forget_gate(hidden_states), fill=1.0),
             grid.to_grid(self.v_proj(hidden_states)),
             grid.to_grid(self.k_proj(hidden_states)),
-            initial_state,
-            scan=chunk_scan if implementation == "triton" else None,
+            resume.initial_state if resume is not None else None,
         )
         num_rows, num_chunks = states.shape[:2]
         running_value, running_key = (  # one backward node for both (selects would each zero-fill a gradient)
@@ -497,183 +231,96 @@ class RatMixer(nn.Module):
         value_summaries = running_value[:, :, -1].to(dtype)
         keys = key_summaries[:, :-1].transpose(1, 2)  # chunk c sees summaries of chunks < c: the last is never a key
         values = value_summaries[:, :-1].transpose(1, 2)
-        if history_keys is not None:
-            keys = torch.cat([history_keys, keys], dim=2)
-            values = torch.cat([history_values, values], dim=2)
-        attention = chunk_attention(
+        num_cached_chunks = None
+        if resume is not None:
+            keys = torch.cat([resume.keys, keys], dim=2)
+            values = torch.cat([resume.values, values], dim=2)
+            num_cached_chunks = resume.num_chunks
+        attention = backend.chunk_attention(
             query_rotated.permute(0, 2, 3, 1, 4),
             own_score.permute(0, 2, 3, 1),
             running_value.to(dtype).permute(0, 2, 3, 1, 4),
             keys,
             values,
-            history_count,
+            num_cached_chunks,
             scale=1.0 / math.sqrt(head_dim),
         )  # (N, L, H, C, d)
         del query_rotated, query_grid, own_score, running_key  # free what autograd does not keep
         attention = attention.permute(0, 3, 1, 2, 4).reshape(num_rows, num_chunks, chunk_size, hidden_size)
         if cache_layer is not None:
-            self._store(cache_layer, grid, layout, states, key_summaries, value_summaries)
-        del states, running_value
+            cache_layer.append(
+                grid.batch_row, grid.new_tokens, grid.last_token(states), layout.valid,
+                column_states=lambda: grid.from_grid(states, seq_len),
+                key_summaries=key_summaries, value_summaries=value_summaries,
+            )
         return grid.from_grid(attention, seq_len)
 
-    def _store(self, cache_layer, grid, layout, states, key_summaries, value_summaries):
-        """Write what the tokens of this call leave behind into the cache: new chunk summaries and running state."""
-        seq_len = layout.valid.shape[1]
-        rows = grid.row_of_batch  # one grid row per batch row with tokens (packed rows cannot use a cache)
-        seen_after = grid.last_position + 1
-        new_completed = torch.div(seen_after, self.chunk_size, rounding_mode="floor") - grid.first_chunk
-        cache_layer.reserve(seq_len)
-        most_completed = int(new_completed.max())
-        if most_completed > 0:
-            offsets = torch.arange(most_completed, device=rows.device)
-            take = offsets[None, :] < new_completed[:, None]
-            grid_rows = torch.arange(grid.num_rows, device=rows.device)[:, None].expand(-1, most_completed)[take]
-            chunks = offsets[None, :].expand(grid.num_rows, -1)[take]
-            cache_layer.write_summaries(
-                rows[grid_rows], grid.first_chunk[grid_rows] + chunks,
-                key_summaries[grid_rows, chunks], value_summaries[grid_rows, chunks],
-            )
-        running_state = cache_layer.running_state.clone()
-        running_state[rows] = grid.last_token(states).to(running_state.dtype)
-        seen = cache_layer.seen.clone()
-        seen[rows] = seen_after
-        column_states = None
-        if cache_layer.record_past:
-            per_token = grid.from_grid(states, seq_len)
-            column_states = _states_after_each_column(per_token, layout.valid, cache_layer.running_state)
-        cache_layer.commit(running_state, seen, seq_len, column_states, layout.valid)
-
-    def _decode_step(self, query, key, value, forget_gate, layout, cache_layer, implementation="fast"):
+    def _decode(self, hidden_states, layout, cache_layer, backend):
         """One new column per row on top of the cache: O(chunks) work, no recomputation of the prefix."""
-        batch_size, _, hidden_size = value.shape
-        heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
-        dtype = value.dtype
-        cache_layer.prepare(batch_size, heads, head_dim, chunk_size, dtype, value.device)
-        cache_layer.reserve(1)
-        valid = layout.valid[:, 0]
-        seen = cache_layer.seen
-        index_in_chunk = seen % chunk_size
-        chunk = torch.div(seen, chunk_size, rounding_mode="floor")
-        gate = forget_gate[:, 0]  # (B, D) fp32
-        stream = torch.stack([value[:, 0], tile_groups(key[:, 0], self.num_qk_groups, heads)], dim=1).float()
-        previous = torch.where((index_in_chunk == 0)[:, None, None], 0.0, cache_layer.running_state)
-        state = gate[:, None] * previous + (1 - gate[:, None]) * stream  # (B, 2, D)
+        batch_size, _, hidden_size = hidden_states.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        dtype = self.compute_dtype(hidden_states)
+        cache_layer.prepare(batch_size, heads, head_dim, self.chunk_size, dtype, hidden_states.device)
+        step = cache_layer.next_token()
+        gate = self.forget_gate(hidden_states)[:, 0, None]  # (B, 1, D) fp32
+        key = tile_groups(self.k_proj(hidden_states)[:, 0], self.num_qk_groups, heads)
+        stream = torch.stack([self.v_proj(hidden_states)[:, 0], key], dim=1).float()
+        state = gate * step.previous_state + (1 - gate) * stream  # (B, 2, D)
         running_value = state[:, 0].reshape(batch_size, heads, head_dim)
         running_key = state[:, 1].reshape(batch_size, heads, head_dim)
-        query_heads = tile_groups(query[:, 0], self.num_qk_groups, heads).reshape(batch_size, heads, head_dim).float()
-        cos, sin = rotary_cos_sin(chunk, head_dim, self.config.rope_theta, torch.float32)  # (B, d)
-        query_rotated = apply_rotary(query_heads, cos[:, None], sin[:, None])
-        own_score = (query_heads * running_key).sum(-1)
-        capacity = cache_layer.keys.shape[2]
-        # the first `chunk` cached summaries of each row are its earlier chunks
-        if implementation == "triton":  # its decode kernel: one program per row and head
-            _, triton_chunk_attention = _rat_kernels(implementation)
-            attention = triton_chunk_attention(
-                query_rotated.to(dtype)[:, None, :, None], own_score[:, None, :, None],
-                running_value.to(dtype)[:, None, :, None], cache_layer.keys, cache_layer.values, chunk,
-                scale=1.0 / math.sqrt(head_dim),
-            )
-        else:
-            attention = decode_attention(
-                query_rotated.to(dtype), own_score, running_value.to(dtype), cache_layer.keys, cache_layer.values,
-                chunk, scale=1.0 / math.sqrt(head_dim),
-            )  # (B, H, d)
-        if capacity > 0:  # rows whose chunk this token completes store its summary in slot `chunk`
-            completes = (valid & (index_in_chunk == chunk_size - 1))[:, None, None]
-            rows = torch.arange(batch_size, device=value.device)
-            slot = chunk.clamp(max=capacity - 1)
-            new_key = apply_rotary(running_key, cos[:, None], sin[:, None])
-            cache_layer.write_summaries(
-                rows, slot,
-                torch.where(completes, new_key.to(dtype), cache_layer.keys[rows, :, slot]),
-                torch.where(completes, running_value.to(dtype), cache_layer.values[rows, :, slot]),
-            )
-        running_state = torch.where(valid[:, None, None], state, cache_layer.running_state)
-        cache_layer.commit(running_state, seen + valid.long(), 1, running_state[:, None], valid[:, None])
+        query = tile_groups(self.q_proj(hidden_states)[:, 0], self.num_qk_groups, heads)
+        query = query.reshape(batch_size, heads, head_dim).float()
+        cos, sin = rotary_cos_sin(step.chunk, head_dim, self.config.rope_theta, torch.float32)  # (B, d)
+        attention = backend.decode_attention(
+            apply_rotary(query, cos[:, None], sin[:, None]).to(dtype),
+            (query * running_key).sum(-1),
+            running_value.to(dtype),
+            step.keys,
+            step.values,
+            step.chunk,
+            scale=1.0 / math.sqrt(head_dim),
+        )  # (B, H, d)
+        cache_layer.append_token(
+            state, layout.valid[:, 0],
+            key_summary=apply_rotary(running_key, cos[:, None], sin[:, None]), value_summary=running_value,
+        )
         return attention.reshape(batch_size, 1, hidden_size)
 
 
-def _states_after_each_column(per_token: torch.Tensor, valid: torch.Tensor, previous_state: torch.Tensor):
-    """(B, T, S, D) state after each column, for rollback: padding columns repeat the state before them."""
-    batch_size, seq_len = valid.shape
-    columns = torch.arange(seq_len, device=valid.device).expand(batch_size, seq_len)
-    last_valid = torch.cummax(torch.where(valid, columns, torch.full_like(columns, -1)), dim=1).values
-    per_token = per_token.float()
-    gathered = per_token.gather(1, last_valid.clamp(min=0)[:, :, None, None].expand_as(per_token))
-    return torch.where((last_valid < 0)[:, :, None, None], previous_state[:, None].to(gathered.dtype), gathered)
-
-
-class RatRecurrentMixer(nn.Module):
+class RatRecurrentMixer(RatGatedRecurrence):
     """The rnn layer: the RAT recurrence over whole sequences (no chunks, no attention): o_proj(z * s_t)."""
 
-    def __init__(self, config: RatConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.hidden_size = config.hidden_size
-        self.output_gate_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
-        self.v_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
-        self.forget_gate_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
-        self.forget_gate_bias = nn.Parameter(torch.zeros(self.hidden_size))
-        self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+    cache_layer_class = RatRecurrentCacheLayer
 
-    def forward(self, hidden_states: torch.Tensor, layout: RatSequenceLayout, cache_layer=None) -> torch.Tensor:
-        output_gate = torch.sigmoid(self.output_gate_proj(hidden_states))
-        value = self.v_proj(hidden_states)
-        forget_gate = torch.sigmoid(self.forget_gate_proj(hidden_states).float() + self.forget_gate_bias.float())
-        if cache_layer is not None and not isinstance(cache_layer, RatRecurrentCacheLayer):
-            raise ValueError(
-                f"Layer {self.layer_idx} is an rnn layer but its cache layer is a {type(cache_layer).__name__}: the "
-                "cache belongs to another model. Let the model create it, or use DynamicCache(config=model.config)."
+    def _sequence(self, hidden_states, layout, cache_layer, backend):
+        """Any number of tokens: the recurrence over each sequence, continuing the cache's state."""
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        gate = self.forget_gate(hidden_states)
+        inputs = ((1 - gate) * self.v_proj(hidden_states).float()).unsqueeze(-2)  # (B, T, 1, D)
+        if cache_layer is not None:
+            cache_layer.prepare(batch_size, hidden_size, hidden_states.device)
+        grid = layout.sequence_grid()
+        resume = cache_layer.resume(grid.batch_row) if cache_layer is not None else None
+        states = backend.linear_recurrence(
+            grid.to_grid(gate, fill=1.0)[:, 0],
+            grid.to_grid(inputs)[:, 0],
+            resume.initial_state if resume is not None else None,
+        ).unsqueeze(1)  # (N, 1, longest, 1, D)
+        if cache_layer is not None:
+            cache_layer.append(
+                grid.batch_row, grid.new_tokens, grid.last_token(states), layout.valid,
+                column_states=lambda: grid.from_grid(states, seq_len),
             )
-        if resolve_rat_implementation(self.config, hidden_states.device) == "reference":
-            if cache_layer is not None:
-                raise ValueError("rat_implementation='reference' runs without a cache: pass use_cache=False.")
-            state = rnn_reference(value, forget_gate, layout.positions, layout.valid)
-        elif cache_layer is not None and hidden_states.shape[1] == 1 and cache_layer.is_initialized:
-            state = self._decode_step(value, forget_gate, layout, cache_layer)
-        else:
-            state = self._scan(value, forget_gate, layout, cache_layer)
-        return self.o_proj(output_gate * state)
+        return grid.from_grid(states, seq_len)[:, :, 0].to(self.compute_dtype(hidden_states))
 
-    def _scan(self, value, forget_gate, layout, cache_layer):
-        """Any number of tokens: `linear_recurrence` over each sequence, continuing the cache's state."""
-        batch_size, seq_len, hidden_size = value.shape
-        inputs = ((1 - forget_gate) * value.float()).unsqueeze(-2)  # (B, T, 1, D)
-        if cache_layer is not None:
-            cache_layer.prepare(batch_size, hidden_size, value.device)
-        if layout.num_sequences == 0:  # only padding
-            if cache_layer is not None:
-                cache_layer.skip_columns(seq_len)
-            return value.new_zeros(value.shape)
-        grid = ChunkGrid.whole_sequences(layout)
-        gates = grid.to_grid(forget_gate, fill=1.0)[:, 0]  # (N, longest, D)
-        grid_inputs = grid.to_grid(inputs)[:, 0]  # (N, longest, 1, D)
-        initial = None
-        if cache_layer is not None and bool(grid.continues_cache.any()):
-            initial = torch.where(grid.continues_cache[:, None, None], cache_layer.running_state[grid.row_of_batch], 0.0)
-        states = linear_recurrence(gates, grid_inputs, initial)  # (N, longest, 1, D)
-        per_token = grid.from_grid(states.unsqueeze(1), seq_len)  # (B, T, 1, D)
-        if cache_layer is not None:
-            running_state = cache_layer.running_state.clone()
-            running_state[grid.row_of_batch] = grid.last_token(states.unsqueeze(1)).to(running_state.dtype)
-            column_states = None
-            if cache_layer.record_past:
-                column_states = _states_after_each_column(per_token, layout.valid, cache_layer.running_state)
-            seen = cache_layer.seen + layout.valid.long().sum(1)
-            cache_layer.commit(running_state, seen, seq_len, column_states, layout.valid)
-        return per_token[:, :, 0].to(value.dtype)
-
-    def _decode_step(self, value, forget_gate, layout, cache_layer):
+    def _decode(self, hidden_states, layout, cache_layer, backend):
         """One new column per row on top of the cache's state."""
-        batch_size, _, hidden_size = value.shape
-        cache_layer.prepare(batch_size, hidden_size, value.device)
-        valid = layout.valid[:, 0]
-        gate = forget_gate[:, :1]  # (B, 1, D)
-        state = gate * cache_layer.running_state + (1 - gate) * value[:, :1].float()
-        running_state = torch.where(valid[:, None, None], state, cache_layer.running_state)
-        cache_layer.commit(running_state, cache_layer.seen + valid.long(), 1, running_state[:, None], valid[:, None])
-        return state.to(value.dtype)
+        batch_size, _, hidden_size = hidden_states.shape
+        cache_layer.prepare(batch_size, hidden_size, hidden_states.device)
+        gate = self.forget_gate(hidden_states)  # (B, 1, D)
+        state = gate * cache_layer.next_token().previous_state + (1 - gate) * self.v_proj(hidden_states).float()
+        cache_layer.append_token(state, layout.valid[:, 0])
+        return state.to(self.compute_dtype(hidden_states))
 
 
 class RatAttention(nn.Module):
@@ -692,7 +339,7 @@ class RatAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, hidden, bias=False)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor, layout: RatSequenceLayout, cache_layer=None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, layout: RatSequenceLayout, cache_layer=None, backend=None) -> torch.Tensor:
         batch_size, seq_len, _ = hidden_states.shape
         shape = (batch_size, seq_len, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
@@ -702,26 +349,30 @@ class RatAttention(nn.Module):
         query = apply_rotary(query, cos[:, None], sin[:, None])
         key = apply_rotary(key, cos[:, None], sin[:, None])
         if cache_layer is None:
-            mask = None if layout.simple and self.sliding_window is not None and seq_len > 2 * self.sliding_window else (
+            mask = None if layout.columns_are_positions and self.sliding_window is not None and seq_len > 2 * self.sliding_window else (
                 layout.attention_mask_for(None, self.sliding_window)
             )
         else:
-            self._check_cache_layer(cache_layer, batch_size, layout.past_columns)
+            self._check_cache_layer(cache_layer, batch_size, layout.cached_columns, key.dtype)
+            if layout.key_valid is not None:  # padding enters the cache as zeros, so that decoding never meets a NaN
+                keep = layout.valid[:, None, :, None]  # there (zero weights times NaN would be NaN)
+                key, value = torch.where(keep, key, 0.0), torch.where(keep, value, 0.0)
             key, value = cache_layer.update(key, value)
-            total = layout.past_columns + seq_len  # columns the cache holds now
+            total = layout.cached_columns + seq_len  # columns the cache holds now
             returned = key.shape[2]
-            key_columns = max(total - returned, 0) + torch.arange(returned, device=key.device)
+            # The returned keys are the last columns the cache holds (a static layer returns all its slots).
+            first_column = total - returned
+            first_column = first_column.clamp(min=0) if torch.is_tensor(first_column) else max(first_column, 0)
+            key_columns = first_column + torch.arange(returned, device=key.device)
             mask = layout.attention_mask_for(key_columns, self.sliding_window)
-        long_window_prefill = (
-            self.sliding_window is not None and layout.simple and key.shape[2] == seq_len and seq_len > 2 * self.sliding_window
-        )
-        if long_window_prefill:  # blocks of queries: O(T * window) time and memory instead of a T x T mask
-            out = sliding_window_attention(query, key, value, self.sliding_window)
-        else:
+        if seq_len == 1:  # decoding: the columns one query does not see are padding (cached as zeros) or older tokens
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None)
+        else:  # a NaN or inf in one token reaches only the queries that see it; without a mask, sliding layers
+            # attend in blocks of queries: O(T * window) time and memory instead of a T x T mask
+            out = attention_containing_faults(query, key, value, mask, self.sliding_window, layout.valid)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
 
-    def _check_cache_layer(self, cache_layer, batch_size, past_columns):
+    def _check_cache_layer(self, cache_layer, batch_size, cached_columns, dtype):
         kind = "sliding-window" if self.sliding_window is not None else "full"
         is_sliding = bool(getattr(cache_layer, "is_sliding", False))
         window = getattr(cache_layer, "sliding_window", None)
@@ -732,10 +383,12 @@ class RatAttention(nn.Module):
                 f"Layer {self.layer_idx} is a {kind} attention layer but its cache layer is a "
                 f"{type(cache_layer).__name__}: the cache belongs to another model. Let the model create its cache."
             )
-        if not cache_layer.is_compileable and int(cache_layer.get_seq_length()) != past_columns:
+        # A host-side check, skipped while tracing: torch.export rebuilds transformers' sliding-window layers from the
+        # tensors they keep, and their count is then only the window.
+        if not torch.compiler.is_compiling() and not cache_layer.is_compileable and int(cache_layer.get_seq_length()) != cached_columns:
             raise ValueError(
                 f"The cache layers disagree: layer {self.layer_idx} holds {int(cache_layer.get_seq_length())} tokens, "
-                f"the cache {past_columns}. Was the cache modified by hand? Start from a new cache."
+                f"the cache {cached_columns}. Was the cache modified by hand? Start from a new cache."
             )
         keys = getattr(cache_layer, "keys", None)
         if torch.is_tensor(keys) and keys.dim() == 4 and keys.numel() > 0:
@@ -749,6 +402,8 @@ class RatAttention(nn.Module):
                     f"The cache of layer {self.layer_idx} holds {keys.shape[1]} heads of size {keys.shape[3]}, the model "
                     f"has {self.num_heads} of size {self.head_dim}: the cache belongs to another model."
                 )
+            if keys.dtype != dtype:
+                raise cache_dtype_error(keys.dtype, dtype)
 
 
 MIXER_CLASSES = {
@@ -759,57 +414,9 @@ MIXER_CLASSES = {
 }
 
 
-def resolve_rat_implementation(config: RatConfig, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """
-    The path RAT layers take: the configured one, or for "auto" the fastest available for the device: the Triton
-    kernels on CUDA when triton is installed (and the dtype is one they take), else the fast PyTorch path.
-    """
-    requested = getattr(config, "rat_implementation", "auto")
-    if requested == "triton":
-        from .rat_triton import TRITON_IMPORT_ERROR, triton_is_usable
-
-        if not triton_is_usable(device, dtype):
-            reason = f"triton cannot be imported ({TRITON_IMPORT_ERROR})" if TRITON_IMPORT_ERROR else (
-                f"the kernels take CUDA tensors (or CPU tensors under TRITON_INTERPRET=1) of dtype float32, bfloat16 or "
-                f"float16, got {device} {dtype}"
-            )
-            raise ValueError(f"rat_implementation='triton' cannot run here: {reason}. Use 'auto' or 'fast'.")
-        return "triton"
-    if requested != "auto":
-        return requested
-    if torch.device(device).type == "cuda":
-        from .rat_triton import triton_is_usable
-
-        if triton_is_usable(device, dtype):
-            _log_once(logger.info_once, "RAT layers run the Triton kernels (rat_implementation='auto' on CUDA).")
-            return "triton"
-        _log_once(
-            logger.warning_once,
-            "RAT layers run the fast PyTorch path on CUDA: the Triton kernels need `triton` installed and float32, "
-            "bfloat16 or float16 activations.",
-        )
-        return "fast"
-    _log_once(logger.info_once, "RAT layers run the fast PyTorch path (rat_implementation='auto' off CUDA).")
-    return "fast"
-
-
-def _log_once(log, message: str):
-    """Log outside torch.compile tracing only (a logging call inside a traced forward breaks the graph)."""
-    if not torch.compiler.is_compiling():
-        log(message)
-
-
-def _rat_kernels(implementation: str):
-    """(chunk_scan, chunk_attention) of the chosen path: the Triton kernels or the PyTorch ones of `rat_ops`."""
-    if implementation == "triton":
-        from .rat_triton import chunk_attention as triton_chunk_attention
-        from .rat_triton import chunk_scan as triton_chunk_scan
-
-        return triton_chunk_scan, triton_chunk_attention
-    return chunk_scan, chunk_attention
-
-
-# ================================================================================================ decoder layer
+def covers_static_cache(attention_mask: torch.Tensor, cache: Cache) -> bool:
+    """Whether a 2-D mask spans the whole length of a preallocated (static) cache (see `create_masks_for_generate`)."""
+    return bool(cache.is_compileable) and attention_mask.shape[1] == cache.get_max_length()
 
 
 class RatDecoderLayer(GradientCheckpointingLayer):
@@ -823,8 +430,8 @@ class RatDecoderLayer(GradientCheckpointingLayer):
         self.mlp_norm = RatRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = RatMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, layout: RatSequenceLayout, cache_layer=None) -> torch.Tensor:
-        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), layout, cache_layer)
+    def forward(self, hidden_states, layout: RatSequenceLayout, cache_layer=None, backend: RatBackend | None = None):
+        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), layout, cache_layer, backend)
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
@@ -840,18 +447,29 @@ class RatPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _is_stateful = False  # the cache rolls back exactly (see cache_rat.py), so assisted decoding works
+    _can_compile_fullgraph = True  # with a static cache, a decode step compiles without graph breaks, once
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """
-        `PreTrainedModel.save_pretrained`, with the code of this very model (this file and its sibling modules)
-        bundled beside the weights, so that the folder loads with `trust_remote_code=True` without this package. This
-        holds for a model that was itself loaded with remote code: its bundle is taken from the folder it was loaded
-        from, which is not the folder of its configuration's code in transformers' module cache.
-        """
-        config_module = sys.modules.get(type(self.config).__module__)
-        bundle_code_from = getattr(config_module, "bundle_code_from", None)
-        with bundle_code_from(MODEL_CODE_DIRECTORY) if bundle_code_from is not None else nullcontext():
-            return super().save_pretrained(save_directory, *args, **kwargs)
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a safetensors weight file that cannot be read is named in the error."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            damaged = []
+            if pretrained_model_name_or_path is not None and Path(pretrained_model_name_or_path).is_dir():
+                for path in sorted(Path(pretrained_model_name_or_path).glob("*.safetensors")):
+                    try:
+                        with safe_open(path, framework="pt"):
+                            pass
+                    except SafetensorError:
+                        damaged.append(str(path))
+            where = ", ".join(damaged) or f"a safetensors weight file of {pretrained_model_name_or_path}"
+            raise OSError(
+                f"{where} cannot be read ({error}): it is truncated or not a safetensors file. Save the model again, or "
+                "download it again (`force_download=True`)."
+            ) from error
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -869,17 +487,140 @@ class RatPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RatRMSNorm):
             init.ones_(module.weight)
-        elif isinstance(module, (RatMixer, RatRecurrentMixer)):
+        elif isinstance(module, RatGatedRecurrence):
             # The official range U(1, L - 1) is empty for L <= 2 (chunks of one or two tokens): use U(1, 2) then.
             if isinstance(module, RatMixer):
                 upper = max(self.config.chunk_size - 1, 2)
             else:
-                upper = max(self.config.max_position_embeddings - 1, 2)
+                upper = max(self.config.rnn_forget_gate_init_length - 1, 2)
             bias = torch.empty_like(module.forget_gate_bias, dtype=torch.float32).uniform_(1.0, float(upper)).log_()
             if hasattr(init, "copy_"):
                 init.copy_(module.forget_gate_bias, bias.to(module.forget_gate_bias.dtype))
             elif not getattr(module.forget_gate_bias, "_is_hf_initialized", False):
                 module.forget_gate_bias.copy_(bias)
+
+
+def validate_model_inputs(config, embed_tokens, input_ids, inputs_embeds, cache, output_attentions):
+    """
+    Refuse what `RatModel` cannot run correctly, with a message that says what to change. The attention mask and the
+    position ids are checked where they are read (`RatSequenceLayout.build`), the labels by `validate_loss_inputs`.
+
+    * exactly one of `input_ids`, integer ids of shape (batch, tokens) in [0, vocab_size), and `inputs_embeds`, a
+      floating (batch, tokens, hidden_size) tensor in the embedding's dtype (any floating dtype under autocast);
+    * at least one row and one new token; `cache` a transformers `Cache`; no `output_attentions`.
+
+    The id range costs one comparison over the ids and one read from the device per forward, skipped while compiling;
+    the rest reads only shapes and types.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+    if output_attentions:
+        raise ValueError("RAT models do not return attention weights (RAT layers attend to chunk summaries).")
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(f"`cache` must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}.")
+    if input_ids is not None:
+        require_integer_tensor("input_ids", input_ids, "token ids")
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"`input_ids` must have shape (batch, tokens), got {tuple(input_ids.shape)}"
+                + (": add the batch dimension with `input_ids[None]`." if input_ids.dim() == 1 else ".")
+            )
+        shape = tuple(input_ids.shape)
+    else:
+        if not torch.is_tensor(inputs_embeds) or not inputs_embeds.is_floating_point():
+            kind = inputs_embeds.dtype if torch.is_tensor(inputs_embeds) else type(inputs_embeds).__name__
+            raise TypeError(f"`inputs_embeds` must be a floating-point tensor, got {kind}.")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, tokens, {config.hidden_size}) (the model's hidden size), got "
+                f"{tuple(inputs_embeds.shape)}."
+            )
+        model_dtype = embed_tokens.weight.dtype
+        if inputs_embeds.dtype != model_dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+            raise TypeError(
+                f"`inputs_embeds` are {inputs_embeds.dtype} but the model computes in {model_dtype}: pass "
+                "`inputs_embeds.to(model.dtype)` (or run under torch.autocast)."
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+    if shape[0] == 0:
+        raise ValueError("The input has no rows (batch size 0): pass at least one sequence.")
+    if shape[1] == 0:
+        cached = int(cache.get_seq_length()) if cache is not None else 0
+        raise ValueError(
+            "The input has no new token" + (f" (the cache already holds {cached} tokens)" if cached else "") + ": "
+            "with a cache, pass the whole sequence to generate() (the cached tokens followed by the new ones), or "
+            "at least one new token to forward()."
+        )
+    if input_ids is not None and not torch.compiler.is_compiling():
+        smallest, largest = torch.stack(torch.aminmax(input_ids)).tolist()
+        if smallest < 0 or largest >= config.vocab_size:
+            raise ValueError(
+                f"`input_ids` holds the id {smallest if smallest < 0 else largest}, outside the vocabulary [0, "
+                f"{config.vocab_size}): ids must come from this model's tokenizer (is `vocab_size` right?)."
+            )
+
+
+def validate_loss_inputs(labels, logits_to_keep, input_shape, vocab_size, loss_kwargs):
+    """
+    Refuse labels and `logits_to_keep` that cannot give the loss or the logits asked for (`RatForCausalLM.forward`).
+
+    * `labels`: integer (batch, tokens), the input's shape (the model shifts them: logits at t are scored against
+      labels[t + 1]), each an id in [0, vocab_size) or `ignore_index` (-100); the same for `shift_labels` (already
+      shifted). When every target is ignored (and `num_items_in_batch` counts no supervised token elsewhere), the
+      loss is NaN, a mean over no token, as in transformers' loss: a warning says so. A warning, not an error: the
+      gradients of that loss are exactly zero, so a training step on such a batch (a completion truncated away) does
+      not spoil the weights, and an error would stop a long run for it.
+    * `logits_to_keep`: an int >= 0 (0 keeps all; more than the input has keeps all) or a 1-D tensor of indices of
+      tokens; 0 when labels are given (the loss needs every token's logits).
+
+    Costs one read from the device per forward with labels (skipped while compiling).
+    """
+    if torch.is_tensor(logits_to_keep):
+        require_integer_tensor("logits_to_keep", logits_to_keep, "indices of tokens")
+        seq_len = input_shape[1]
+        if logits_to_keep.dim() != 1:
+            raise ValueError(f"A tensor `logits_to_keep` must be 1-D (indices of tokens), got shape {tuple(logits_to_keep.shape)}.")
+        if not torch.compiler.is_compiling() and bool(((logits_to_keep < -seq_len) | (logits_to_keep >= seq_len)).any()):
+            raise ValueError(f"`logits_to_keep` holds indices outside the {seq_len} tokens of the input: {logits_to_keep.tolist()}.")
+    elif isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int):
+        raise TypeError(f"`logits_to_keep` must be an int or a tensor of indices of tokens, got {logits_to_keep!r}.")
+    elif logits_to_keep < 0:
+        raise ValueError(f"`logits_to_keep` must be >= 0 (the number of last tokens to keep, 0 for all), got {logits_to_keep}.")
+    if labels is None:
+        return
+    if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        raise ValueError("`logits_to_keep` must be 0 when `labels` are given: the loss needs the logits of every token.")
+    ignore_index = loss_kwargs.get("ignore_index", -100)
+    targets = {"labels": labels}
+    if loss_kwargs.get("shift_labels") is not None:
+        targets["shift_labels"] = loss_kwargs["shift_labels"]
+    for name, tensor in targets.items():
+        require_integer_tensor(name, tensor, f"token ids, {ignore_index} for ignored tokens")
+        if tuple(tensor.shape) != tuple(input_shape):
+            raise ValueError(
+                f"`{name}` has shape {tuple(tensor.shape)} but the input has shape {tuple(input_shape)}: give one label per "
+                f"input token ({ignore_index} where no loss is wanted); the model shifts them itself."
+            )
+    if torch.compiler.is_compiling():
+        return
+    supervised = (labels[:, 1:] if "shift_labels" not in targets else targets["shift_labels"]) != ignore_index
+    out_of_range = [((tensor < 0) | (tensor >= vocab_size)) & (tensor != ignore_index) for tensor in targets.values()]
+    num_items = loss_kwargs.get("num_items_in_batch")
+    others_supervised = torch.as_tensor(num_items if num_items is not None else 0, device=labels.device) > 0
+    flags = torch.stack([*(bad.any() for bad in out_of_range), supervised.any() | others_supervised]).tolist()
+    for (name, tensor), bad, failed in zip(targets.items(), out_of_range, flags):
+        if failed:
+            raise ValueError(
+                f"`{name}` holds {int(tensor[bad][0])}, which is neither a token id in [0, {vocab_size}) nor the ignored "
+                f"label {ignore_index}."
+            )
+    if not flags[-1]:
+        logger.warning_once(
+            f"Every target of a batch is ignored ({ignore_index}; the targets are labels[:, 1:], as token t predicts token "
+            "t + 1): its loss is NaN, a mean over no token. Its gradients are zero (weights move only by the "
+            "optimiser's momentum); drop such batches, or pass `num_items_in_batch` (the supervised tokens of all "
+            "micro-batches) to get a loss of 0. Shown once."
+        )
 
 
 class RatModel(RatPreTrainedModel):
@@ -900,6 +641,8 @@ class RatModel(RatPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @accepts_past_key_values
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -910,18 +653,10 @@ class RatModel(RatPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if output_attentions:
-            raise ValueError("RAT models do not return attention weights (RAT layers attend to chunk summaries).")
-        if cache is None:
-            cache = past_key_values
-        elif past_key_values is not None:
-            raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
+        """A `BaseModelOutputWithPast`, or its tuple with `return_dict=False` (or `config.return_dict=False`)."""
+        validate_model_inputs(self.config, self.embed_tokens, input_ids, inputs_embeds, cache, output_attentions)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache is not None):
@@ -930,58 +665,62 @@ class RatModel(RatPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        if seq_len == 0:
-            cached = int(cache.get_seq_length()) if cache is not None else 0
-            raise ValueError(
-                "The input has no new token" + (f" (the cache already holds {cached} tokens)" if cached else "") + ": "
-                "with a cache, pass the whole sequence to generate() (the cached tokens followed by the new ones), or "
-                "at least one new token to forward()."
-            )
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(f"`cache` must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}.")
 
         if cache is None:
-            past_columns = 0
+            cached_columns = 0
+        elif attention_mask is not None and attention_mask.dim() == 2 and covers_static_cache(attention_mask, cache):
+            # Compiled decoding (see `create_masks_for_generate`): the count of cached tokens stays a tensor, so that
+            # every step runs the same graph (a copy: the cache layers update theirs in place during this forward).
+            # Eager calls read it and drop the mask's columns after the new tokens.
+            cached_columns = cache.get_seq_length()
+            if torch.compiler.is_compiling() and torch.is_tensor(cached_columns):
+                cached_columns = cached_columns.clone()
+            else:
+                cached_columns = int(cached_columns)
+                attention_mask = attention_mask[:, : cached_columns + seq_len]
         elif attention_mask is not None and attention_mask.dim() == 2:  # no device sync (compiled decoding)
-            past_columns = attention_mask.shape[1] - seq_len
-            if not torch.compiler.is_compiling() and past_columns != int(cache.get_seq_length()):
+            cached_columns = attention_mask.shape[1] - seq_len
+            if not torch.compiler.is_compiling() and cached_columns != int(cache.get_seq_length()):
                 raise ValueError(
                     f"`attention_mask` has {attention_mask.shape[1]} columns but the cache holds "
                     f"{int(cache.get_seq_length())} tokens and {seq_len} are new: the mask must cover both "
                     f"(expected ({batch_size}, {int(cache.get_seq_length()) + seq_len}))."
                 )
         else:
-            past_columns = int(cache.get_seq_length())
+            cached_columns = int(cache.get_seq_length())
         layout = RatSequenceLayout.build(
-            batch_size, seq_len, inputs_embeds.device, attention_mask, position_ids, past_columns,
-            has_padding=bool(getattr(cache, "_rat_has_padding", False)),
+            batch_size, seq_len, inputs_embeds.device, attention_mask, position_ids, cached_columns,
+            cache_has_padding=cache is not None and holds_padding(cache),
+            continues_given_cache=cache is not None,  # built here otherwise, after the layout
         )
-        if use_cache and cache is None:
-            if layout.has_packed_rows:
-                use_cache = False  # packed sequences have no single state to continue
-            else:
-                cache = DynamicCache(config=self.config)
+        if use_cache and cache is None and not layout.packed:  # packed sequences have no single state to continue
+            cache = DynamicCache(config=self.config)
         if cache is not None:
-            if layout.has_packed_rows:
+            if layout.packed:
                 raise ValueError("Packed sequences (positions restarting inside a row) cannot be used with a cache.")
             if len(cache.layers) != self.config.num_hidden_layers:
                 raise ValueError(
                     f"The cache has {len(cache.layers)} layers but the model has {self.config.num_hidden_layers}: it "
                     "belongs to another model."
                 )
-            if seq_len > 1 and layout.key_valid is not None and not bool(layout.key_valid.all()):
-                cache._rat_has_padding = True  # later calls must bring the mask (checked in the layout)
+            adopt_cache_layers(cache, self.config.layer_types)
+            note_padding(cache, layout.has_padding)
 
+        backend = None
+        if any(layer_type in ("rat", "rnn") for layer_type in self.config.layer_types):
+            backend = select_rat_backend(self.config, inputs_embeds.device, inputs_embeds.dtype)
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
         for layer_idx, decoder_layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             cache_layer = cache.layers[layer_idx] if cache is not None else None
-            hidden_states = decoder_layer(hidden_states, layout, cache_layer=cache_layer)
+            hidden_states = decoder_layer(hidden_states, layout, cache_layer=cache_layer, backend=backend)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+        if cache is not None and torch.is_grad_enabled():
+            detach_cache(cache)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
@@ -1013,11 +752,31 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @accepts_past_key_values
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache=None, **kwargs):
+        """
+        The mask generate() passes to the forward when the cache is preallocated (static, for compiled decoding).
+        transformers' mask builders do not know RAT's layer types and would hand over the 2-D padding mask, one column
+        longer at every token, so that a compiled decode step would be compiled again for each. Here the padding mask is
+        widened with zeros to the whole length of the cache: the same shape at every step (the forward takes the number
+        of cached tokens from the cache).
+        """
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            columns = int(cache.get_seq_length()) + seq_len
+            attention_mask = torch.ones(batch_size, columns, dtype=torch.long, device=inputs_embeds.device)
+        missing = cache.get_max_length() - attention_mask.shape[1]
+        if missing < 0:  # more tokens than the cache holds: the forward says so
+            return attention_mask
+        return F.pad(attention_mask, (0, missing))
+
     def set_rat_implementation(self, implementation: str):
         """Choose how RAT layers run: "auto", "fast", "reference" or "triton" (see `RatConfig`)."""
         self.config.rat_implementation = implementation
         self.config._check_rat_arguments(self.config.head_dim)
 
+    @accepts_past_key_values
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1029,22 +788,23 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """A `CausalLMOutputWithPast`, or its tuple with `return_dict=False` (or `config.return_dict=False`)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
+        validate_loss_inputs(labels, logits_to_keep, hidden_states.shape[:2], self.config.vocab_size, kwargs)
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
@@ -1054,15 +814,108 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss_kwargs = {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index", "shift_labels")}
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        output = CausalLMOutputWithPast(
+        return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
-        if return_dict is False:
-            return output.to_tuple()
-        return output
 
 
-__all__ = ["RatPreTrainedModel", "RatModel", "RatForCausalLM", "RatSequenceLayout", "cache_nbytes"]
+# ==================================================================================================== task heads
+# transformers' generic heads (their forward, loss and output), on `RatModel`. Each builds its `RatModel` itself:
+# the generic `__init__` asks `AutoModel` for it, which knows RAT only where this package registered it, not in a
+# checkpoint loaded with `trust_remote_code=True` elsewhere.
+
+
+class RatForSequenceClassification(GenericForSequenceClassification, RatPreTrainedModel):
+    """A linear `score` of each row's last real token (left and right padding alike): one label per sequence."""
+
+    def __init__(self, config: RatConfig):
+        RatPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = RatModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    @accepts_past_key_values
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        """
+        Scores of each row's last real token: the last column that `attention_mask` keeps; without a mask, the last
+        token that is not `pad_token_id` (transformers' rule), else the last column.
+        """
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        batch_size, seq_len = hidden_states.shape[:2]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask[:, -seq_len:].to(hidden_states.device, torch.bool)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = (input_ids != self.config.pad_token_id).to(hidden_states.device)
+        else:
+            real = torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
+        columns = torch.arange(seq_len, device=hidden_states.device)
+        last_real = torch.where(real, columns, 0).amax(dim=-1)
+        logits = self.score(hidden_states[torch.arange(batch_size, device=hidden_states.device), last_real])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+
+
+class RatForTokenClassification(GenericForTokenClassification, RatPreTrainedModel):
+    """A linear `score` of every token after dropout (`config.classifier_dropout`, default 0.1): one label per token."""
+
+    def __init__(self, config: RatConfig):
+        RatPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = RatModel(config)
+        classifier_dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if classifier_dropout is None else classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=getattr(config, "token_classification_bias", True))
+        self.post_init()
+
+
+class RatForQuestionAnswering(GenericForQuestionAnswering, RatPreTrainedModel):
+    """Extractive question answering: start and end scores of every token (`qa_outputs`)."""
+
+    def __init__(self, config: RatConfig):
+        RatPreTrainedModel.__init__(self, config)
+        self.model = RatModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+
+__all__ = [
+    "RatPreTrainedModel",
+    "RatModel",
+    "RatForCausalLM",
+    "RatForSequenceClassification",
+    "RatForTokenClassification",
+    "RatForQuestionAnswering",
+    "cache_nbytes",
+]

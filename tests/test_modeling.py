@@ -7,6 +7,7 @@ import torch
 
 from conftest import LAYER_PATTERNS, random_ids, tiny_config, tiny_model
 from modeling_rat import RatForCausalLM, RatModel
+from oracles import token_by_token_mixers
 
 
 PATTERNS = ["rat", "rnn", "rat+sliding", "rat+full", "attention+sliding"]
@@ -72,6 +73,49 @@ def test_fast_path_equals_reference_with_padding_and_packing():
         reference = logits_of(model, ids, **kwargs)
         valid = mask.bool() if "attention_mask" in kwargs else torch.ones_like(mask, dtype=torch.bool)
         torch.testing.assert_close(fast[valid], reference[valid], rtol=1e-4, atol=1e-5)
+
+
+def _layouts(batch_size, length):
+    """Inputs that exercise every arrangement of the chunk grid: plain, left- and right-padded, packed."""
+    left = torch.ones(batch_size, length, dtype=torch.long)
+    left[0, : length // 2] = 0
+    right = torch.ones(batch_size, length, dtype=torch.long)
+    right[-1, length - 3 :] = 0
+    cut = length // 3
+    packed = torch.arange(length).repeat(batch_size, 1)
+    packed[0, cut:] -= cut  # row 0 holds two sequences, the second starting at position 0
+    return {
+        "plain": {},
+        "left padding": dict(attention_mask=left),
+        "right padding": dict(attention_mask=right),
+        "packed": dict(position_ids=packed),
+    }
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("pattern, chunk_size", [("rat", 4), ("rat", 1), ("rat", 5), ("rnn", 4), ("rat+sliding", 3)])
+def test_every_backend_equals_the_token_by_token_equations(backend, pattern, chunk_size):
+    """SPEC 6.6 and 6.4-5: logits and every gradient against the equations written token by token (tests/oracles.py),
+    which share no code with the model's chunk grid, cache or attention kernels."""
+    model = tiny_model(LAYER_PATTERNS[pattern], chunk_size=chunk_size).train()
+    model.set_rat_implementation(backend)
+    ids = random_ids(2, 14)
+    for name, kwargs in _layouts(*ids.shape).items():
+        valid = kwargs.get("attention_mask", torch.ones_like(ids)).bool()
+
+        def run():
+            model.zero_grad()
+            logits = model(ids, use_cache=False, **kwargs).logits
+            logits[valid].square().mean().backward()
+            return logits.detach()[valid], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        logits, grads = run()
+        with token_by_token_mixers(model):
+            expected_logits, expected_grads = run()
+        torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5, msg=name)
+        assert grads.keys() == expected_grads.keys()
+        for parameter in grads:
+            torch.testing.assert_close(grads[parameter], expected_grads[parameter], rtol=1e-4, atol=1e-6, msg=f"{name} {parameter}")
 
 
 # ------------------------------------------------------------------------------------------- SPEC section 6
@@ -218,7 +262,7 @@ def test_projection_names_for_lora_and_class_attributes():
 
 
 def test_initialisation_follows_the_official_recipe():
-    config = tiny_config(["rat", "rnn"], hidden_size=256, num_attention_heads=4, chunk_size=16, initializer_range=0.02, max_position_embeddings=512)
+    config = tiny_config(["rat", "rnn"], hidden_size=256, num_attention_heads=4, chunk_size=16, initializer_range=0.02, rnn_forget_gate_init_length=512)
     torch.manual_seed(0)
     model = RatForCausalLM(config)
     rat_bias = model.model.layers[0].mixer.forget_gate_bias

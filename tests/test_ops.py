@@ -9,6 +9,7 @@ from modeling_rat.rat_ops import (
     ChunkScan,
     apply_rotary,
     chunk_attention,
+    chunk_attention_reference,
     chunk_scan,
     chunk_scan_reference,
     decode_attention,
@@ -79,15 +80,6 @@ def test_rotary_convention_is_rotate_half():
     assert math.isclose(rotated.norm().item(), x.norm().item(), rel_tol=1e-6)
 
 
-def _naive_chunk_attention(query, own_score, own_value, keys, values, allowed, scale):
-    """Explicit softmax over [own, K_0..K_{K-1}] with `allowed` (N, C, K + 1)."""
-    scores = torch.einsum("nlhcd,nhkd->nlhck", query, keys) * scale
-    scores = torch.cat([own_score.unsqueeze(-1) * scale, scores], dim=-1)
-    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-    weights = scores.softmax(-1)
-    return weights[..., :1] * own_value + torch.einsum("nlhck,nhkd->nlhcd", weights[..., 1:], values)
-
-
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_chunk_attention_is_one_softmax_over_summaries_and_own_term(dtype, tolerance, masked):
@@ -96,22 +88,14 @@ def test_chunk_attention_is_one_softmax_over_summaries_and_own_term(dtype, toler
     query = torch.randn(rows, chunk, heads, chunks, head_dim, requires_grad=True)
     own_score = torch.randn(rows, chunk, heads, chunks, requires_grad=True)
     own_value = torch.randn(rows, chunk, heads, chunks, head_dim, requires_grad=True)
-    num_history = 3 if masked else 0
-    num_keys = num_history + chunks - 1
+    num_keys = (3 if masked else 0) + chunks - 1
     keys = torch.randn(rows, heads, num_keys, head_dim, requires_grad=True)
     values = torch.randn(rows, heads, num_keys, head_dim, requires_grad=True)
-    history_count = torch.tensor([2, 0]) if masked else None
-    # query chunk i sees: its own term, the first history_count[n] history slots, new summaries k < i
-    allowed = torch.zeros(rows, chunks, num_keys + 1, dtype=torch.bool)
-    allowed[..., 0] = True
-    for n in range(rows):
-        count = 0 if history_count is None else int(history_count[n])
-        allowed[n, :, 1 : 1 + count] = True
-        for i in range(chunks):
-            allowed[n, i, 1 + num_history : 1 + num_history + i] = True
+    num_cached_chunks = torch.tensor([2, 0]) if masked else None
     leaves = [query, own_score, own_value, keys, values]
-    expected = _naive_chunk_attention(*leaves, allowed, 0.3)
-    actual = chunk_attention(*(t.to(dtype) if t is not own_score else t for t in leaves), history_count, scale=0.3)
+    # the written-out softmax with explicit masks (the reference backend), in fp32
+    expected = chunk_attention_reference(*leaves, num_cached_chunks, 0.3)
+    actual = chunk_attention(*(t.to(dtype) if t is not own_score else t for t in leaves), num_cached_chunks, scale=0.3)
     torch.testing.assert_close(actual.float(), expected, rtol=tolerance, atol=tolerance)
     weight = torch.randn_like(expected)
     for got, want in zip(_grads(actual.float(), leaves, weight), _grads(expected, leaves, weight)):
