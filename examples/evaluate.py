@@ -110,9 +110,9 @@ def evaluate_extrapolation(model_dir: Path, texts: list[str], args) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    train_length = args.train_length or getattr(model.config, "max_position_embeddings", None)
+    train_length = args.train_length or getattr(model.config, "rnn_forget_gate_init_length", None)
     if train_length is None:
-        raise ValueError(f"{model_dir}: the config has no max_position_embeddings; give the training length (--train-length).")
+        raise ValueError(f"{model_dir}: the config has no rnn_forget_gate_init_length (the training length pretrain.py records); give it (--train-length).")
     sequences = token_sequences(texts, tokenizer, args.max_length, args.num_sequences)
     losses = loss_by_position(model, sequences, args.batch_size)  # losses[i]: predicting token i + 1
     bands = []
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     extrapolation.add_argument("--max-length", type=int, default=4096, help="tokens per evaluation sequence")
     extrapolation.add_argument("--num-sequences", type=int, default=16, help="held-out sequences averaged")
     extrapolation.add_argument("--batch-size", type=int, default=1)
-    extrapolation.add_argument("--train-length", type=int, help="default: each config's max_position_embeddings")
+    extrapolation.add_argument("--train-length", type=int, help="default: each config's rnn_forget_gate_init_length (pretrain.py sets it to the training length)")
     extrapolation.add_argument("--dataset", help="Hub dataset or local folder (default: the standard library's test packages)")
     extrapolation.add_argument("--dataset-config")
     extrapolation.add_argument("--split", default="test")

@@ -224,7 +224,7 @@ def build_config(run: Run, recipe: Recipe) -> RatConfig:
         num_attention_heads=recipe.num_heads,
         num_qk_groups=math.gcd(2, recipe.num_heads),  # the paper's 2 key/query groups, 1 for a single head
         intermediate_size=4 * recipe.hidden_size,
-        max_position_embeddings=run.seq_len,
+        rnn_forget_gate_init_length=run.seq_len,
         initializer_range=recipe.initializer_range,
     )
     if run.chunk_size is not None:
@@ -276,7 +276,7 @@ def decode_cache_bytes(model, seq_len: int) -> int:
     """Bytes of the decoding cache after a prefill of seq_len tokens (one sequence)."""
     model.eval()
     cache = DynamicCache(config=model.config)
-    model(torch.zeros(1, seq_len, dtype=torch.long), past_key_values=cache, use_cache=True)
+    model(torch.zeros(1, seq_len, dtype=torch.long), cache=cache, use_cache=True)
     return cache_nbytes(cache)
 
 

@@ -29,7 +29,7 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("extrapolation")
     folders = []
     for name, layers in (("rat", ("rat", "rat")), ("attention", ("full_attention", "full_attention"))):
-        model = tiny_model(layers, vocab_size=len(WORDS) + 2, max_position_embeddings=16)
+        model = tiny_model(layers, vocab_size=len(WORDS) + 2, rnn_forget_gate_init_length=16)
         folder = root / name
         model.save_pretrained(folder)
         word_tokenizer().save_pretrained(folder)

@@ -40,7 +40,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     config = RatConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        chunk_size=4, layer_types=["rat", "sliding_attention"], sliding_window=16,
-                       max_position_embeddings=128, initializer_range=0.3,  # peaked distributions: differences show
+                       rnn_forget_gate_init_length=128, initializer_range=0.3,  # peaked distributions: differences show
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                        bos_token_id=tokenizer.bos_token_id)
     folder = tmp_path_factory.mktemp("lm-eval") / "tiny-rat"

@@ -72,7 +72,7 @@ def test_run_configs_follow_the_recipe():
     config = long_context.build_config(Run("mqar", "rat-swa", 16, 256, 0), RECIPE)
     assert config.layer_types == ["rat", "sliding_attention"]
     assert config.sliding_window == RECIPE.sliding_window and config.chunk_size == 16
-    assert config.vocab_size == RECIPE.vocab_size and config.max_position_embeddings == 256
+    assert config.vocab_size == RECIPE.vocab_size and config.rnn_forget_gate_init_length == 256
     assert long_context.build_config(Run("mqar", "rat", 1, 256, 0), RECIPE).chunk_size == 1
 
 
@@ -136,7 +136,7 @@ def test_quick_run_trains_the_grid_plots_it_and_a_rerun_skips_it(tmp_path, capsy
         assert (tmp_path / plot).stat().st_size > 10_000
     assert not list((tmp_path / "runs").glob("*.claim"))
     table = (tmp_path / "results.md").read_text()
-    assert "Accuracy at 64 tokens" in table and "| rat L=4 |" in table and "(2 seeds)" in table
+    assert "Accuracy at 64 tokens" in table and "| rat L=4 |" in table and ", 2 seeds)" in table  # cells: mean (min-max, seeds)
 
     capsys.readouterr()
     again = long_context.main(["--quick", "--output", str(tmp_path), "--no-progress"])
