@@ -90,7 +90,10 @@ class RatModelTester:
         )
 
     def prepare_config_and_inputs(self):
-        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
+        # Ids from 1 up: never the pad token (0). generate() without a mask derives one from the pad token, and random
+        # pad tokens would be padding between real tokens, which RAT refuses to continue where a sliding-window cache
+        # keeps it (tests/test_bad_input.py): real prompts do not hold pad tokens among their tokens.
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 1) + 1
         # Row i: its last i + 1 tokens real, left padding (llama's tester pads on the right: RAT refuses to continue a
         # right-padded prompt, whose next token generate() would read from a padding column).
         input_mask = torch.tril(torch.ones_like(input_ids)).flip(-1) if self.use_input_mask else None
