@@ -26,7 +26,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["configuration_rat", "modeling_rat"],
+    packages=["configuration_rat", "modeling_rat", "modeling_rat.hub", "modeling_rat.training"],
+    package_data={"modeling_rat.hub": ["model_card_template.md"]},
     py_modules=["hub_upload"],
     install_requires=[
         "torch>=2.5",
@@ -37,7 +38,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "bench": ["matplotlib>=3.8", "tqdm>=4.66"],
+        "bench": ["matplotlib>=3.8", "tqdm>=4.66", "psutil>=5.9"],
         "train": TRAIN,
         # triton in dev: the kernel tests run on CPUs too, under Triton's interpreter (wheels exist for Linux only)
         "dev": TRAIN + ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "triton>=3.2; platform_system == 'Linux'"],

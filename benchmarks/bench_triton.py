@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -38,8 +37,6 @@ import torch
 
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 if not torch.cuda.is_available():
     # Without a GPU the Triton kernels can only run under Triton's interpreter, which must be chosen before the
@@ -413,16 +410,16 @@ def bench_decode(config, mixers, batch, context, device, dtype, args, attention_
 
     completed = torch.full((batch,), context // config.chunk_size, device=device)
     summaries = prefilled.keys[:, :, : context // config.chunk_size], prefilled.values[:, :, : context // config.chunk_size]
-    query = torch.randn(batch, 1, heads, 1, head_dim, device=device, dtype=dtype)
-    own_score = torch.randn(batch, 1, heads, 1, device=device)
-    own_value = torch.randn(batch, 1, heads, 1, head_dim, device=device, dtype=dtype)
+    query = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
+    own_score = torch.randn(batch, heads, device=device)
+    own_value = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
     scale = 1 / math.sqrt(head_dim)
 
     def rat_core():
         with torch.no_grad():
-            return rat_triton.chunk_attention(query, own_score, own_value, *summaries, completed, scale)
+            return rat_triton.decode_attention(query, own_score, own_value, *summaries, completed, scale)
 
-    query_heads = query[:, 0, :, :, :]  # (B, H, 1, d)
+    query_heads = query[:, :, None, :]  # (B, H, 1, d)
 
     def attention_core():
         with torch.no_grad(), sdpa_backends(attention_backends):
@@ -525,7 +522,7 @@ def main(argv=None):
     config = RatConfig(
         hidden_size=args.hidden_size, num_attention_heads=args.num_heads, num_qk_groups=args.num_qk_groups,
         chunk_size=args.chunk_size, num_hidden_layers=1, layer_types=["rat"], vocab_size=256,
-        max_position_embeddings=max(args.seq_lens), initializer_range=0.02,
+        initializer_range=0.02,
     )
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()})"
     peak_tflops, peak_bandwidth = gpu_peaks(name) if gpu else (None, None)

@@ -17,7 +17,6 @@ so the cache being measured is one that works.
 """
 
 import dataclasses
-import logging
 
 import torch
 
@@ -27,26 +26,20 @@ from modeling_rat import RatConfig, RatForCausalLM, cache_nbytes
 from .common import (
     RunOptions,
     byte_unit,
-    check_choices,
-    check_positive,
+    check_settings,
     dtype_tolerance,
     finish_benchmark,
     format_bytes,
     format_length,
     format_ratio,
     length_axis,
-    log_checks,
     markdown_table,
-    prepare_process,
-    progress,
     pyplot,
-    require,
-    run_case,
+    run_cases,
+    verify,
 )
-from .decode import check_generate
+from .decode import check_generate, returned_cache
 
-
-logger = logging.getLogger("benchmarks")
 
 PAPER_MODELS = ("attention", "rnn", "rat", "attention-swa", "rat-swa")
 
@@ -66,18 +59,16 @@ class CacheSettings:
     check_new_tokens: int = 21
 
     def __post_init__(self):
-        check_choices("models", self.models, PAPER_LAYER_PATTERNS)
-        check_choices("size, formula_size", [self.size, self.formula_size], PRESET_SIZES)
-        check_positive("contexts", self.contexts)
-        check_positive("formula_contexts", self.formula_contexts)
+        check_settings("models", self.models, PAPER_LAYER_PATTERNS)
+        check_settings("size, formula_size", [self.size, self.formula_size], PRESET_SIZES)
+        check_settings("contexts", self.contexts)
+        check_settings("formula_contexts", self.formula_contexts)
 
-
-def preset_config(name: str, size: str, sliding_window: int | None = None, **overrides) -> RatConfig:
-    if name not in PAPER_LAYER_PATTERNS:
-        raise ValueError(f"Unknown model {name!r}: choose among {list(PAPER_LAYER_PATTERNS)}.")
-    if name.endswith("-swa") and sliding_window is not None:
-        overrides["sliding_window"] = sliding_window
-    return RatConfig.from_preset(name, size, **overrides)
+    def config(self, name: str, size: str | None = None, **overrides) -> RatConfig:
+        """The preset of model `name` at `size` (default: the measured size), with this sliding window."""
+        if name.endswith("-swa") and self.sliding_window is not None:
+            overrides["sliding_window"] = self.sliding_window
+        return RatConfig.from_preset(name, size or self.size, **overrides)
 
 
 def formula_bytes(config: RatConfig, context: int, element_size: int) -> int:
@@ -99,8 +90,7 @@ def formula_bytes(config: RatConfig, context: int, element_size: int) -> int:
 
 
 def build(name: str, settings: CacheSettings, options: RunOptions) -> RatForCausalLM:
-    config = preset_config(name, settings.size, settings.sliding_window, rat_implementation=options.rat_implementation,
-                           max_position_embeddings=max(settings.contexts))
+    config = settings.config(name, rat_implementation=options.rat_implementation)
     torch.manual_seed(options.seed)
     with torch.device(options.torch_device):
         model = RatForCausalLM(config)
@@ -117,70 +107,43 @@ def check_models(settings: CacheSettings, options: RunOptions) -> list[dict]:
     return checks
 
 
-def measure_case(spec: dict) -> dict:
-    """One model (runs in its own process): prefill each context on a batch of one, read the cache's size."""
-    options = RunOptions(**spec["options"])
-    settings = CacheSettings(**spec["settings"])
-    prepare_process(options)
-    model = build(spec["model"], settings, options)
-    element_size = torch.empty((), dtype=options.torch_dtype).element_size()
+def measure_case(case: dict, settings: CacheSettings, options: RunOptions) -> dict:
+    """One model (in its own process): prefill each context on a batch of one, read the cache's size."""
+    model = build(case["model"], settings, options)
+    element_size = options.torch_dtype.itemsize
     points = []
     for context in settings.contexts:
         ids = torch.randint(1, model.config.vocab_size, (1, context), device=options.torch_device)
         with torch.no_grad():
-            output = model(ids, use_cache=True, logits_to_keep=1)
-        cache = getattr(output, "cache", None)
+            cache = returned_cache(model(ids, use_cache=True, logits_to_keep=1))
         if cache is None:
-            cache = getattr(output, "past_key_values", None)
-        if cache is None:
-            raise RuntimeError(f"{spec['model']}: the forward pass with use_cache=True returned no cache.")
-        measured = cache_nbytes(cache)
-        expected = formula_bytes(model.config, context, element_size)
-        points.append(
-            {"context": context, "bytes": measured, "formula_bytes": expected, "matches_formula": measured == expected}
-        )
-        del output, cache
+            raise RuntimeError(f"{case['model']}: the forward pass with use_cache=True returned no cache.")
+        measured, expected = cache_nbytes(cache), formula_bytes(model.config, context, element_size)
+        points.append({"context": context, "bytes": measured, "formula_bytes": expected,
+                       "matches_formula": measured == expected})
+        del cache
     return {"status": "ok", "points": points}
 
 
 def run(settings: CacheSettings, options: RunOptions, output_dir=None, machine: dict | None = None) -> dict:
-    logger.info("[cache] checking that every model decodes what its forward computes")
-    checks = check_models(settings, options)
-    log_checks(checks)
-    require(checks, "cache benchmark")
-
-    element_size = torch.empty((), dtype=options.torch_dtype).element_size()
-    models = []
-    for name in progress(settings.models, "cache"):
-        config = preset_config(name, settings.size, settings.sliding_window)
-        spec = {"model": name, "options": dataclasses.asdict(options), "settings": dataclasses.asdict(settings)}
-        entry = {"model": name, "layer_types": config.layer_types, **run_case(measure_case, spec, options)}
-        large = preset_config(name, settings.formula_size, settings.sliding_window)
-        entry["formula_at_size"] = [
-            {"context": context, "formula_bytes": formula_bytes(large, context, element_size)}
-            for context in settings.formula_contexts
-        ]
-        models.append(entry)
-        if entry["status"] == "ok":
-            mismatches = [point for point in entry["points"] if not point["matches_formula"]]
-            logger.info("[cache] %-14s %s%s", name,
-                        ", ".join(f"{format_length(p['context'])}: {format_bytes(p['bytes'])}" for p in entry["points"]),
-                        f"  DIFFERS FROM THE FORMULA at {[p['context'] for p in mismatches]}" if mismatches else "")
-        else:
-            logger.info("[cache] %-14s %s: %s", name, entry["status"], entry.get("error"))
-
-    swa = preset_config("rat-swa", settings.size, settings.sliding_window)
+    checks = verify("cache", check_models(settings, options))
+    models = run_cases("cache", measure_case, [{"model": name} for name in settings.models], settings, options)
+    element_size = options.torch_dtype.itemsize
+    for entry in models:
+        entry["layer_types"] = settings.config(entry["model"]).layer_types
+        large = settings.config(entry["model"], settings.formula_size)
+        entry["formula_at_size"] = [{"context": context, "formula_bytes": formula_bytes(large, context, element_size)}
+                                    for context in settings.formula_contexts]
+    swa = settings.config("rat-swa")
     sections = {
-        "measured_size": {
-            **PRESET_SIZES[settings.size], "chunk_size": swa.chunk_size, "sliding_window": swa.sliding_window
-        },
+        "measured_size": {**PRESET_SIZES[settings.size], "chunk_size": swa.chunk_size,
+                          "sliding_window": swa.sliding_window},
         "formula_size": PRESET_SIZES[settings.formula_size],
         "element_size": element_size,
         "checks": checks,
         "models": models,
-        "all_match_formula": all(
-            point["matches_formula"] for entry in models if entry["status"] == "ok" for point in entry["points"]
-        ),
+        "all_match_formula": all(point["matches_formula"] for entry in models if entry["status"] == "ok"
+                                 for point in entry["points"]),
     }
     return finish_benchmark(
         "cache", "decoding-cache bytes per sequence after n tokens, measured (cache_nbytes) and by formula", options,

@@ -7,7 +7,7 @@ compiled step is first run until it stops compiling (Dynamo traces it once for a
 when the length becomes dynamic), and the compilation time is reported apart. The tokens of the three modes are
 checked to be identical before anything is timed.
 
-    python benchmarks/compiled_decode.py [--context 1024] [--batch 1,16] [--steps 32] [--output DIR]
+    python -m benchmarks.compiled_decode [--context 1024] [--batch 1,16] [--steps 32] [--output DIR]
 """
 
 import argparse
@@ -18,15 +18,16 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import StaticCache
+
+from modeling_rat import RatConfig, RatForCausalLM
 
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file, where the sibling modules cannot be imported
+    sys.exit("error: run it as a module from the repository root: python -m benchmarks.compiled_decode [options]")
 
-from benchmarks.common import RunOptions, machine_info, prepare_process, write_json  # noqa: E402
-from benchmarks.decode import returned_cache  # noqa: E402
-from modeling_rat import RatConfig, RatForCausalLM  # noqa: E402
+from .common import RunOptions, machine_info, write_json  # noqa: E402
+from .decode import returned_cache  # noqa: E402
 
 
 logger = logging.getLogger("benchmarks")
@@ -36,7 +37,7 @@ def build(hidden_size: int, num_layers: int, layer_type: str, context: int, step
     torch.manual_seed(0)
     config = RatConfig(vocab_size=2048, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
                        num_hidden_layers=num_layers, num_attention_heads=8, chunk_size=16,
-                       layer_types=[layer_type] * num_layers, max_position_embeddings=context + steps + 1)
+                       layer_types=[layer_type] * num_layers)
     return RatForCausalLM(config).eval()
 
 
@@ -58,7 +59,7 @@ def decode(model, forward, prompt, steps: int, cache) -> tuple[torch.Tensor, lis
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compiled_decode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--steps", type=int, default=32)
@@ -69,11 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="folder for compiled_decode.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from transformers import StaticCache
-
-    options = RunOptions.resolve(device="cpu", dtype="float32", threads=args.threads, isolate=False,
-                                 case_timeout_s=3600.0, rat_implementation="auto")
-    prepare_process(options)
+    options = RunOptions.resolve(device="cpu", dtype="float32", threads=args.threads)
+    torch.set_num_threads(options.threads)
     model = build(args.hidden_size, args.num_layers, args.layer_type, args.context, args.steps)
     result = {"machine": machine_info(options), "settings": vars(args), "cases": []}
     print(f"\nms per decode step, context {args.context}, D {args.hidden_size}, {args.num_layers} {args.layer_type} "
@@ -93,7 +91,8 @@ def main(argv=None) -> int:
         compiled_tokens, _ = decode(model, compiled_forward, prompt, args.steps, static_cache())  # compiles
         compile_s = time.perf_counter() - start
         compiled_tokens_again, compiled_times = decode(model, compiled_forward, prompt, args.steps, static_cache())
-        for name, tokens in (("static", static_tokens), ("compiled", compiled_tokens), ("compiled", compiled_tokens_again)):
+        for name, tokens in [("static", static_tokens), ("compiled", compiled_tokens),
+                             ("compiled", compiled_tokens_again)]:
             if not torch.equal(tokens, dynamic_tokens):
                 raise RuntimeError(f"The {name} decode gave other tokens than the dynamic cache: nothing is timed.")
         case = {

@@ -10,7 +10,7 @@ From these figures follows what bounds the RAT / attention speed-up of the PyTor
 operation of RAT were free (what a fused kernel approaches), RAT would still take its matmul + attention-kernel
 time, so attention_total / (rat_matmul + rat_attention_kernel) is the ceiling of the ratio at this length.
 
-    python benchmarks/profile_mixer.py [--length 16384] [--batch 1] [--output benchmarks/results-targets]
+    python -m benchmarks.profile_mixer [--length 16384] [--batch 1] [--output results/benchmarks]
 """
 
 import argparse
@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file, where the sibling modules cannot be imported
+    sys.exit("error: run it as a module from the repository root: python -m benchmarks.profile_mixer [options]")
 
-from benchmarks.common import RunOptions, machine_info, prepare_process, write_json  # noqa: E402
-from benchmarks.mixer import MixerSettings, build_mixer, call_mixer  # noqa: E402
+from .common import RunOptions, machine_info, write_json  # noqa: E402
+from .mixer import MixerSettings, build_mixer, mixer_call  # noqa: E402
 
 
 logger = logging.getLogger("benchmarks")
@@ -43,13 +42,13 @@ def category(name: str) -> str:
     return "everything else"
 
 
-def profile_mixer(kind: str, settings: MixerSettings, length: int, batch: int) -> dict:
-    mixer = build_mixer(settings, kind, "cpu", torch.float32)
+def profile_mixer(kind: str, settings: MixerSettings, options: RunOptions, length: int, batch: int) -> dict:
+    call = mixer_call(build_mixer(settings, kind, options), batch, length)
     hidden = torch.randn(batch, length, settings.hidden_size, requires_grad=True)
     grad = torch.randn(batch, length, settings.hidden_size)
-    call_mixer(mixer, hidden).backward(grad)  # warm-up
+    call(hidden).backward(grad)  # warm-up
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        call_mixer(mixer, hidden).backward(grad)
+        call(hidden).backward(grad)
     totals = {"matmul": 0.0, "attention kernel": 0.0, "everything else": 0.0}
     top = []
     for event in profiler.key_averages():
@@ -65,21 +64,20 @@ def profile_mixer(kind: str, settings: MixerSettings, length: int, batch: int) -
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_mixer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--length", type=int, default=16384, help="tokens per sequence")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default=None, help="folder for profile_mixer_T<length>.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    options = RunOptions.resolve(device="cpu", dtype="float32", threads=args.threads, isolate=False,
-                                 case_timeout_s=3600.0, rat_implementation="auto")
-    prepare_process(options)
+    options = RunOptions.resolve(device="cpu", dtype="float32", threads=args.threads)
+    torch.set_num_threads(options.threads)
     settings = MixerSettings(lengths=(args.length,))
     result = {"machine": machine_info(options), "length": args.length, "batch": args.batch, "mixers": {}}
     for kind in ("rat", "attention"):
         logger.info("profiling the %s mixer, %d x %d tokens, forward+backward", kind, args.batch, args.length)
-        result["mixers"][kind] = profile_mixer(kind, settings, args.length, args.batch)
+        result["mixers"][kind] = profile_mixer(kind, settings, options, args.length, args.batch)
     rat, attention = result["mixers"]["rat"], result["mixers"]["attention"]
     essential = rat["seconds"]["matmul"] + rat["seconds"]["attention kernel"]
     result["measured_ratio"] = attention["total_s"] / rat["total_s"]

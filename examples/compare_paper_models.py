@@ -5,8 +5,9 @@ rat-swa) with equal budgets (same data, tokenizer, tokens, steps, widths and dep
     python examples/compare_paper_models.py --max-steps 2000 --hidden-size 512 --num-layers 8 --block-size 1024
 
 Writes `paper_comparison.md` (table), `paper_comparison.png` (validation loss during training) and
-`paper_comparison.json` to `--results-dir`. With `--sft-steps N` each model is also LoRA-fine-tuned on the default
-code summarization task and its test ROUGE is added to the table.
+`paper_comparison.json` to `--results-dir`. Each model's run resumes from its checkpoints in `--work-dir`, so an
+interrupted comparison continues where it stopped. With `--sft-steps N` each model is also LoRA-fine-tuned on the
+default code summarization task and its test ROUGE is added to the table.
 """
 
 from __future__ import annotations
@@ -14,18 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import pretrain  # noqa: E402
+import pretrain
+from modeling_rat.training import train_byte_level_bpe
+from modeling_rat.training.cli import configure_job, float_in, int_at_least, run_command
 
 
 logger = logging.getLogger("compare")
 MODELS = ["attention", "rnn", "rat", "attention-swa", "rat-swa"]
+POSITIVE = int_at_least(1)
 
 
 def build_parser():
@@ -33,21 +33,21 @@ def build_parser():
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--results-dir", default="results/paper_comparison")
     parser.add_argument("--work-dir", default="runs/paper_comparison", help="checkpoints and the shared tokenizer")
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--chunk-size", type=int, default=16)
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--sliding-window", type=int, help="default: block size / 4")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--max-steps", type=int, default=120)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--eval-steps", type=int, default=20)
-    parser.add_argument("--max-train-chars", type=int, default=4_000_000)
-    parser.add_argument("--max-eval-blocks", type=int, default=32)
-    parser.add_argument("--sft-steps", type=int, default=0, help="also LoRA-fine-tune on code summarization (0: skip)")
-    parser.add_argument("--sft-eval-examples", type=int, default=100)
+    parser.add_argument("--hidden-size", type=POSITIVE, default=128)
+    parser.add_argument("--num-layers", type=POSITIVE, default=4)
+    parser.add_argument("--num-heads", type=POSITIVE, default=4)
+    parser.add_argument("--chunk-size", type=POSITIVE, default=16)
+    parser.add_argument("--block-size", type=POSITIVE, default=256)
+    parser.add_argument("--sliding-window", type=POSITIVE, help="default: block size / 4")
+    parser.add_argument("--vocab-size", type=POSITIVE, default=4096)
+    parser.add_argument("--max-steps", type=POSITIVE, default=120)
+    parser.add_argument("--batch-size", type=POSITIVE, default=4)
+    parser.add_argument("--learning-rate", type=float_in(0, low_inclusive=False), default=3e-3)
+    parser.add_argument("--eval-steps", type=POSITIVE, default=20)
+    parser.add_argument("--max-train-chars", type=POSITIVE, default=4_000_000)
+    parser.add_argument("--max-eval-blocks", type=POSITIVE, default=32)
+    parser.add_argument("--sft-steps", type=int_at_least(0), default=0, help="also LoRA-fine-tune on code summarization (0: skip)")
+    parser.add_argument("--sft-eval-examples", type=POSITIVE, default=100)
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -70,8 +70,6 @@ def pretrain_arguments(args, model: str, tokenizer_dir: Path) -> list[str]:
 
 def shared_tokenizer(args) -> Path:
     """One byte-level BPE for all models, trained on the same training text they see."""
-    from modeling_rat.training_rat import train_byte_level_bpe
-
     tokenizer_dir = Path(args.work_dir) / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
         probe = pretrain.build_parser().parse_args(["--max-train-chars", str(args.max_train_chars)])
@@ -97,14 +95,16 @@ def write_results(results: list[dict], args, results_dir: Path) -> None:
     ]
     for r in results:
         pattern = "/".join(dict.fromkeys(r["layer_types"]))
+        wall_time = "resumed" if r.get("resumed_from") else f"{r['train_seconds']:.0f}"
         row = (f"| {r['model']} | {pattern} | {r['parameters']:,} ({r['non_embedding_parameters']:,}) | "
-               f"{r['eval_loss']:.4f} | {r['eval_perplexity']:.1f} | {r['train_seconds']:.0f} |")
+               f"{r['eval_loss']:.4f} | {r['eval_perplexity']:.1f} | {wall_time} |")
         if has_rouge:
             rouge = r.get("rouge")
             row += f" {rouge['rouge1']:.1f} / {rouge['rouge2']:.1f} / {rouge['rougeL']:.1f} |" if rouge else " - |"
         lines.append(row)
     lines += ["", "*Wall-clock training time of each run as it happened (one process, CPU threads shared with whatever else "
-              "ran on the machine): not a speed comparison; see the benchmark scripts for that."]
+              "ran on the machine; \"resumed\" for a run continued from a checkpoint of an earlier invocation): not a "
+              "speed comparison; see the benchmark scripts for that."]
     (results_dir / "paper_comparison.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -129,7 +129,7 @@ def write_results(results: list[dict], args, results_dir: Path) -> None:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_job(logger.name)
     tokenizer_dir = shared_tokenizer(args)
     results = []
     start = time.perf_counter()
@@ -154,4 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -19,13 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+import pretrain
+import sft_summarization
+from configuration_rat import PAPER_LAYER_PATTERNS
+from modeling_rat.training.cli import configure_job, int_at_least, run_command
 
-EXAMPLES = Path(__file__).resolve().parent
-ROOT = EXAMPLES.parent
-sys.path.insert(0, str(EXAMPLES))
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
+ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("demo")
 
 # Budgets sized for about 10 minutes on a 2-core CPU (--quick: under a minute per stage).
@@ -38,11 +38,12 @@ QUICK = dict(hidden_size=128, vocab_size=4096, pretrain_steps=4, pretrain_batch=
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/demo")
-    parser.add_argument("--model", default="rat", help="which of the paper's five models to pretrain")
+    parser.add_argument("--model", default="rat", choices=list(PAPER_LAYER_PATTERNS),
+                        help="which of the paper's five models to pretrain")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: check the pipeline in a few minutes")
     parser.add_argument("--hub-upload", default=str(ROOT / "hub_upload.py"), help="path of hub_upload.py")
-    parser.add_argument("--pretrain-steps", type=int, help=f"pretraining steps (default {FULL['pretrain_steps']})")
-    parser.add_argument("--sft-steps", type=int, help=f"LoRA fine-tuning steps (default {FULL['sft_steps']})")
+    parser.add_argument("--pretrain-steps", type=int_at_least(1), help=f"pretraining steps (default {FULL['pretrain_steps']})")
+    parser.add_argument("--sft-steps", type=int_at_least(1), help=f"LoRA fine-tuning steps (default {FULL['sft_steps']})")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -69,14 +70,11 @@ def stage_hub_folder(hub_upload: Path, merged_dir: Path, staging_dir: Path) -> d
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    import pretrain
-    import sft_summarization
-
+    configure_job(logger.name)
     budget = dict(QUICK if args.quick else FULL)
-    if args.pretrain_steps:
+    if args.pretrain_steps is not None:
         budget["pretrain_steps"] = args.pretrain_steps
-    if args.sft_steps:
+    if args.sft_steps is not None:
         budget["sft_steps"] = args.sft_steps
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -145,4 +143,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

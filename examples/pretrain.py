@@ -7,10 +7,14 @@ Hugging Face `Trainer`, and report validation loss and perplexity.
         --tokenizer meta-llama/Llama-2-7b-hf --model rat --size 200m --block-size 2048
     accelerate launch --num_processes 2 examples/pretrain.py ...      # several processes (see docs)
 
+A checkpoint is saved at each validation (`--save-steps`); a rerun of the same command resumes from the latest
+complete one in `--output-dir` (`--resume-from-checkpoint none` starts fresh), exactly where the run stopped. Ctrl-C
+while a checkpoint is being written stops once it is complete.
+
 Default corpus (offline, on every machine): the Python standard library's sources, with a byte-level BPE tokenizer
-trained on them by `tokenizers`. The output folder holds a remote-code checkpoint (`save_pretrained`: config with
-`auto_map`, model code, weights) and the tokenizer, loadable with
-`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+trained on them by `tokenizers` (with a ChatML chat template, for conversational fine-tuning). The output folder
+holds a remote-code checkpoint (`save_pretrained`: config with `auto_map`, model code, weights) and the tokenizer,
+loadable with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 """
 
 from __future__ import annotations
@@ -19,32 +23,30 @@ import argparse
 import json
 import logging
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoTokenizer,
-    Trainer,
-    TrainingArguments,
-    default_data_collator,
-    set_seed,
+from configuration_rat import PAPER_LAYER_PATTERNS, PRESET_SIZES
+from modeling_rat import RatConfig, RatForCausalLM
+from modeling_rat.training import (
+    check_columns,
+    check_not_empty,
+    ensure_pad_token,
+    resolve_resume_checkpoint,
+    stop_token_ids,
+    train_byte_level_bpe,
+    train_resumably,
 )
-
-from modeling_rat import RatConfig, RatForCausalLM  # noqa: E402
-from configuration_rat.configuration_rat import PAPER_LAYER_PATTERNS, PRESET_SIZES  # noqa: E402
-from modeling_rat.training_rat import check_columns, check_not_empty, ensure_pad_token, train_byte_level_bpe  # noqa: E402
+from modeling_rat.training.checkpoints import add_checkpoint_arguments, signals_held
+from modeling_rat.training.cli import configure_job, float_in, int_at_least, prepare_output_dir, run_command
+from modeling_rat.training.launch import activation_checkpointing_argument, check_distribution, no_accelerator
+from modeling_rat.training.sources import load_dataset_dict, load_tokenizer
 
 
 logger = logging.getLogger("pretrain")
+POSITIVE = int_at_least(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,41 +54,44 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="rat", choices=list(PAPER_LAYER_PATTERNS), help="layer pattern (paper's five models)")
     model.add_argument("--size", default="mini", choices=list(PRESET_SIZES), help="preset size (vocabulary comes from the tokenizer)")
-    model.add_argument("--hidden-size", type=int, help="override the preset's width")
-    model.add_argument("--num-layers", type=int, help="override the preset's depth")
-    model.add_argument("--num-heads", type=int, help="override the preset's head count")
-    model.add_argument("--intermediate-size", type=int, help="MLP width (default 4 x hidden size)")
-    model.add_argument("--num-qk-groups", type=int, default=2, help="RAT key/query groups (paper: 2)")
-    model.add_argument("--chunk-size", type=int, default=16, help="RAT chunk length L (paper: 16)")
-    model.add_argument("--sliding-window", type=int,
+    model.add_argument("--hidden-size", type=POSITIVE, help="override the preset's width")
+    model.add_argument("--num-layers", type=POSITIVE, help="override the preset's depth")
+    model.add_argument("--num-heads", type=POSITIVE, help="override the preset's head count")
+    model.add_argument("--intermediate-size", type=POSITIVE, help="MLP width (default 4 x hidden size)")
+    model.add_argument("--num-qk-groups", type=POSITIVE, default=2, help="RAT key/query groups (paper: 2)")
+    model.add_argument("--chunk-size", type=POSITIVE, default=16, help="RAT chunk length L (paper: 16)")
+    model.add_argument("--sliding-window", type=POSITIVE,
                        help="tokens a sliding-window query sees, itself included (default: block size / 4, so "
                             "that the window is shorter than the sequences)")
     model.add_argument("--rat-implementation", default="auto", choices=["auto", "fast", "reference", "triton"])
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", help="Hub dataset name or local dataset folder (default: the Python standard library)")
+    data.add_argument("--dataset", help="Hub dataset name, local dataset folder or data file (.jsonl, .csv, .parquet, "
+                                        ".txt, ...) (default: the Python standard library)")
     data.add_argument("--dataset-config", help="dataset configuration name")
     data.add_argument("--text-column", default="text", help="column holding the text (Hub datasets)")
     data.add_argument("--validation-split", default="validation",
                       help="split to validate on; if the dataset lacks it, --validation-fraction of train is held out")
-    data.add_argument("--validation-fraction", type=float, default=0.05)
-    data.add_argument("--max-train-chars", type=int, default=None, help="cap on training text (characters)")
-    data.add_argument("--max-eval-blocks", type=int, default=64, help="cap on validation blocks")
-    data.add_argument("--tokenizer", help="tokenizer name or folder (default: train a byte-level BPE on the training text)")
-    data.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE tokenizer")
-    data.add_argument("--tokenizer-train-chars", type=int, default=3_000_000, help="text used to train the BPE tokenizer")
-    data.add_argument("--block-size", type=int, default=256, help="tokens per training sequence")
+    data.add_argument("--validation-fraction", type=float_in(0, 1, low_inclusive=False, high_inclusive=False),
+                      default=0.05, help="part of train held out when the dataset has no validation split")
+    data.add_argument("--max-train-chars", type=POSITIVE, default=None, help="cap on training text (characters)")
+    data.add_argument("--max-eval-blocks", type=POSITIVE, default=64, help="cap on validation blocks")
+    data.add_argument("--tokenizer", help="tokenizer name or folder (default: train a byte-level BPE with a ChatML chat "
+                                          "template on the training text)")
+    data.add_argument("--vocab-size", type=POSITIVE, default=8192, help="vocabulary of the trained BPE tokenizer")
+    data.add_argument("--tokenizer-train-chars", type=POSITIVE, default=3_000_000, help="text used to train the BPE tokenizer")
+    data.add_argument("--block-size", type=int_at_least(2), default=256, help="tokens per training sequence")
     train = parser.add_argument_group("training")
     train.add_argument("--output-dir", default="runs/pretrain")
-    train.add_argument("--max-steps", type=int, default=300)
-    train.add_argument("--batch-size", type=int, default=8, help="per device")
-    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    train.add_argument("--learning-rate", type=float, default=2e-3)
-    train.add_argument("--weight-decay", type=float, default=0.1)
-    train.add_argument("--warmup-ratio", type=float, default=0.05)
-    train.add_argument("--eval-steps", type=int, help="validate every N steps (default: 4 times per run)")
-    train.add_argument("--logging-steps", type=int, default=10)
-    train.add_argument("--save-steps", type=int, help="also save Trainer checkpoints every N steps")
-    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--max-steps", type=POSITIVE, default=300)
+    train.add_argument("--batch-size", type=POSITIVE, default=8, help="per device")
+    train.add_argument("--gradient-accumulation-steps", type=POSITIVE, default=1)
+    train.add_argument("--learning-rate", type=float_in(0, low_inclusive=False), default=2e-3)
+    train.add_argument("--weight-decay", type=float_in(0), default=0.1)
+    train.add_argument("--warmup-ratio", type=float_in(0, 1), default=0.05)
+    train.add_argument("--eval-steps", type=POSITIVE, help="validate every N steps (default: 4 times per run)")
+    train.add_argument("--logging-steps", type=POSITIVE, default=10)
+    add_checkpoint_arguments(train, default_save_steps="at each validation", folder="--output-dir")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing (less memory)")
     train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs with bf16 support)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--disable-tqdm", action="store_true")
@@ -106,9 +111,7 @@ def load_texts(args) -> tuple[list[str], list[str], str]:
         validation = [doc["text"] for doc in corpus["validation"]]
         description = f"Python standard library sources at {standard_library_dir()} (split by package)"
     else:
-        from datasets import load_dataset
-
-        dataset = load_dataset(args.dataset, args.dataset_config)
+        dataset = load_dataset_dict(args.dataset, args.dataset_config)
         if "train" not in dataset:
             raise ValueError(f"Dataset {args.dataset!r} has no 'train' split; its splits are {list(dataset)}.")
         check_columns(dataset["train"], [args.text_column], "train", "--text-column")
@@ -146,15 +149,22 @@ def _cap_chars(texts: list[str], max_chars: int) -> list[str]:
     return kept
 
 
-def get_tokenizer(args, train_texts: list[str], training_args: TrainingArguments):
-    """The given tokenizer, or a byte-level BPE trained on the training text (once, by the main process)."""
+def given_tokenizer(args, checkpoint: str | None):
+    """The tokenizer of the checkpoint resumed from, or the one --tokenizer names; None if one is to be trained."""
+    if checkpoint is not None:
+        logger.info("Using the tokenizer saved with %s", checkpoint)
+        return load_tokenizer(checkpoint, "--resume-from-checkpoint")
     if args.tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        return ensure_pad_token(tokenizer)
+        return ensure_pad_token(load_tokenizer(args.tokenizer))
+    return None
+
+
+def train_tokenizer(args, train_texts: list[str], training_args: TrainingArguments):
+    """A byte-level BPE trained on the training text (once, by the main process of each node)."""
     tokenizer_dir = Path(args.output_dir) / "tokenizer"
     with training_args.main_process_first(desc="training the tokenizer", local=True):
         if training_args.local_process_index != 0:  # the node's main process has just trained and saved it
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            tokenizer = load_tokenizer(str(tokenizer_dir))
         else:
             start = time.perf_counter()
             sample = _cap_chars(train_texts, args.tokenizer_train_chars)
@@ -197,7 +207,7 @@ def build_config(args, tokenizer) -> RatConfig:
         vocab_size=len(tokenizer),
         chunk_size=args.chunk_size,
         num_qk_groups=args.num_qk_groups,
-        max_position_embeddings=args.block_size,
+        rnn_forget_gate_init_length=args.block_size,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -214,16 +224,24 @@ def build_config(args, tokenizer) -> RatConfig:
     return RatConfig.from_preset(args.model, args.size, **overrides)
 
 
+# Fields that fix the weights' shapes or meaning: a checkpoint resumes only into a model that agrees on all of them.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_qk_groups", "chunk_size", "layer_types", "sliding_window", "rnn_forget_gate_init_length")
+
+
+def check_checkpoint_config(config: RatConfig, checkpoint: str) -> None:
+    """Refuse to resume a checkpoint of another architecture, naming the options that differ."""
+    saved = RatConfig.from_pretrained(checkpoint)
+    differences = [f"{field} {getattr(saved, field)} (this command: {getattr(config, field)})"
+                   for field in ARCHITECTURE_FIELDS if getattr(saved, field) != getattr(config, field)]
+    if differences:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it was trained with {'; '.join(differences)}. Rerun with the options of "
+            "the run that wrote it, or start fresh with --resume-from-checkpoint none (or another --output-dir)."
+        )
+
+
 # ================================================================================================== training
-
-
-def no_accelerator() -> bool:
-    """True on CPU-only machines: the Trainer is then told `use_cpu=True`, which is also what makes several
-    processes (`accelerate launch --multi_gpu --num_processes N` or `torchrun`) train together over gloo."""
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None:
-        return not accelerator.is_available()
-    return not torch.cuda.is_available()
 
 
 def training_arguments(args, eval_steps: int) -> TrainingArguments:
@@ -243,11 +261,12 @@ def training_arguments(args, eval_steps: int) -> TrainingArguments:
         eval_strategy="steps",
         eval_steps=eval_steps,
         logging_steps=args.logging_steps,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
+        save_strategy="steps",
+        save_steps=args.save_steps or eval_steps,
+        save_total_limit=args.save_total_limit,
         report_to="none",
         bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
+        **activation_checkpointing_argument(args.gradient_checkpointing),
         seed=args.seed,
         dataloader_num_workers=0,
         disable_tqdm=args.disable_tqdm,
@@ -257,17 +276,18 @@ def training_arguments(args, eval_steps: int) -> TrainingArguments:
 
 def run_pretraining(args) -> dict:
     """Train, validate, save; returns the metrics (also written to `<output-dir>/pretrain_results.json`)."""
-    if args.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}.")
-    if args.block_size < 2:
-        raise ValueError(f"--block-size must be >= 2, got {args.block_size}.")
+    prepare_output_dir(args.output_dir)
     set_seed(args.seed)
     eval_steps = args.eval_steps or max(1, args.max_steps // 4)
     training_args = training_arguments(args, eval_steps)
+    check_distribution(training_args)
+    checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    tokenizer = given_tokenizer(args, checkpoint)  # before reading the corpus: a bad --tokenizer fails at once
     train_texts, validation_texts, source = load_texts(args)
     logger.info("Corpus: %s: %d training and %d validation documents (%s training characters)", source,
                 len(train_texts), len(validation_texts), f"{sum(map(len, train_texts)):,}")
-    tokenizer = get_tokenizer(args, train_texts, training_args)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(args, train_texts, training_args)
     with training_args.main_process_first(desc="tokenizing"):
         train_blocks = tokenize_into_blocks(train_texts, tokenizer, args.block_size)
         eval_blocks = tokenize_into_blocks(validation_texts, tokenizer, args.block_size, args.max_eval_blocks)
@@ -279,7 +299,10 @@ def run_pretraining(args) -> dict:
                 args.max_steps, f"{tokens_per_step:,}", args.max_steps * tokens_per_step / (len(train_blocks) * args.block_size))
 
     config = build_config(args, tokenizer)
+    if checkpoint is not None:
+        check_checkpoint_config(config, checkpoint)
     model = RatForCausalLM(config)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)  # chat turns end with <|im_end|>
     parameters = model.num_parameters()
     logger.info("Model %s: %s parameters (%s without embeddings), layers %s, D=%d, H=%d, L=%d%s", args.model,
                 f"{parameters:,}", f"{model.num_parameters(exclude_embeddings=True):,}", config.layer_types,
@@ -295,7 +318,7 @@ def run_pretraining(args) -> dict:
         processing_class=tokenizer,
     )
     start = time.perf_counter()
-    train_result = trainer.train()
+    train_result = train_resumably(trainer, checkpoint)
     train_seconds = time.perf_counter() - start
     evaluation = trainer.evaluate()
     eval_loss = evaluation["eval_loss"]
@@ -308,6 +331,7 @@ def run_pretraining(args) -> dict:
         "eval_loss": eval_loss,
         "eval_perplexity": math.exp(min(eval_loss, 50.0)),
         "steps": args.max_steps,
+        "resumed_from": checkpoint,
         "processes": training_args.world_size,
         "distributed_type": str(trainer.accelerator.distributed_type.value),
         "train_tokens": args.max_steps * tokens_per_step,
@@ -319,7 +343,8 @@ def run_pretraining(args) -> dict:
         ],
         "output_dir": str(Path(args.output_dir).resolve()),
     }
-    trainer.save_model(args.output_dir)  # remote-code checkpoint + tokenizer (main process only)
+    with signals_held(f"the model in {args.output_dir}"):
+        trainer.save_model(args.output_dir)  # remote-code checkpoint + tokenizer (main process only)
     if trainer.is_world_process_zero():
         with open(Path(args.output_dir) / "pretrain_results.json", "w") as file:
             json.dump(metrics, file, indent=2)
@@ -331,10 +356,9 @@ def run_pretraining(args) -> dict:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure_job(logger.name)
     return run_pretraining(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -11,16 +11,19 @@ import time
 
 import torch
 
+from configuration_rat import PAPER_LAYER_PATTERNS, PRESET_SIZES
 from modeling_rat import RatConfig, RatForCausalLM, cache_nbytes
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="rat", help="one of the paper's five models")
-    parser.add_argument("--size", default="mini", help="preset size")
+    parser.add_argument("--model", default="rat", choices=list(PAPER_LAYER_PATTERNS), help="one of the paper's models")
+    parser.add_argument("--size", default="mini", choices=list(PRESET_SIZES), help="preset size")
     parser.add_argument("--prompt-length", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=20)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.prompt_length < 1 or args.new_tokens < 1:
+        parser.error("--prompt-length and --new-tokens must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("quickstart")
 

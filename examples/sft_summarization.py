@@ -16,7 +16,8 @@ Prompts are `<document>\\nSummary:` and completions ` <summary>` + EOS (loss on 
 long for `--max-length` are cut at a token boundary to leave room for the summary; summaries longer than
 `--max-summary-tokens` are cut for training (ROUGE always compares with the full reference). The output folder
 gets `adapter/` (LoRA weights), `merged/` (a remote-code checkpoint with the adapters merged) and
-`sft_results.json`.
+`sft_results.json`. Checkpoints go to `trainer/` (`--save-steps`); a rerun of the same command resumes from the
+latest complete one (`--resume-from-checkpoint none` starts fresh).
 """
 
 from __future__ import annotations
@@ -24,66 +25,68 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, set_seed
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: E402
-
-from modeling_rat.training_rat import (  # noqa: E402
+from modeling_rat.training import (
     check_columns,
     check_not_empty,
     default_lora_config,
     ensure_pad_token,
+    resolve_resume_checkpoint,
     rouge_scores,
+    train_resumably,
     truncate_to_tokens,
 )
+from modeling_rat.training.checkpoints import add_checkpoint_arguments, signals_held
+from modeling_rat.training.cli import configure_job, float_in, int_at_least, prepare_output_dir, run_command
+from modeling_rat.training.launch import activation_checkpointing_argument, check_distribution, no_accelerator
+from modeling_rat.training.sources import check_rat_model, load_dataset_dict, load_tokenizer
 
 
 logger = logging.getLogger("sft")
+POSITIVE = int_at_least(1)
 PROMPT_SUFFIX = "\nSummary:"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="RAT checkpoint folder or Hub name (default: pretrain a small RAT first)")
-    parser.add_argument("--base-steps", type=int, default=300, help="pretraining steps when --model is not given")
+    parser.add_argument("--tokenizer", help="tokenizer folder or Hub name (default: the one saved with --model)")
+    parser.add_argument("--base-steps", type=POSITIVE, default=300, help="pretraining steps when --model is not given")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", help="Hub dataset name or local folder (default: standard-library code summarization)")
+    data.add_argument("--dataset", help="Hub dataset name or local dataset folder (default: standard-library code "
+                                        "summarization)")
     data.add_argument("--dataset-config", help="dataset configuration name")
     data.add_argument("--document-column", help="column with the text to summarize (default: 'code' / 'document')")
     data.add_argument("--summary-column", default="summary", help="column with the reference summary")
     data.add_argument("--train-split", default="train")
     data.add_argument("--validation-split", default="validation")
     data.add_argument("--test-split", default="test")
-    data.add_argument("--max-train-examples", type=int, help="cap on training examples")
-    data.add_argument("--max-validation-examples", type=int, default=64)
-    data.add_argument("--eval-examples", type=int, default=100, help="test examples scored with ROUGE")
-    data.add_argument("--max-length", type=int, default=256, help="prompt + summary tokens (longer documents are cut)")
-    data.add_argument("--max-summary-tokens", type=int, default=40, help="training summaries are cut to this length")
+    data.add_argument("--max-train-examples", type=POSITIVE, help="cap on training examples")
+    data.add_argument("--max-validation-examples", type=POSITIVE, default=64)
+    data.add_argument("--eval-examples", type=POSITIVE, default=100, help="test examples scored with ROUGE")
+    data.add_argument("--max-length", type=POSITIVE, default=256, help="prompt + summary tokens (longer documents are cut)")
+    data.add_argument("--max-summary-tokens", type=POSITIVE, default=40, help="training summaries are cut to this length")
     train = parser.add_argument_group("training")
     train.add_argument("--output-dir", default="runs/sft-summarization")
-    train.add_argument("--max-steps", type=int, default=200)
-    train.add_argument("--batch-size", type=int, default=8, help="examples per device and step")
-    train.add_argument("--learning-rate", type=float, default=2e-3)
-    train.add_argument("--lora-r", type=int, default=16)
-    train.add_argument("--lora-alpha", type=int, default=32)
-    train.add_argument("--lora-dropout", type=float, default=0.05)
+    train.add_argument("--max-steps", type=POSITIVE, default=200)
+    train.add_argument("--batch-size", type=POSITIVE, default=8, help="examples per device and step")
+    train.add_argument("--learning-rate", type=float_in(0, low_inclusive=False), default=2e-3)
+    train.add_argument("--lora-r", type=POSITIVE, default=16)
+    train.add_argument("--lora-alpha", type=POSITIVE, default=32)
+    train.add_argument("--lora-dropout", type=float_in(0, 1, high_inclusive=False), default=0.05)
     train.add_argument("--no-packing", dest="packing", action="store_false",
                        help="pad batches instead of packing them padding-free (TRL packing, the default)")
-    train.add_argument("--gradient-checkpointing", action="store_true")
+    add_checkpoint_arguments(train, default_save_steps="max steps / 4", folder="--output-dir/trainer")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing (less memory)")
     train.add_argument("--bf16", action="store_true")
-    train.add_argument("--logging-steps", type=int, default=10)
-    train.add_argument("--max-new-tokens", type=int, default=40, help="generation length for ROUGE")
-    train.add_argument("--generation-batch-size", type=int, default=16)
+    train.add_argument("--logging-steps", type=POSITIVE, default=10)
+    train.add_argument("--max-new-tokens", type=POSITIVE, default=40, help="generation length for ROUGE")
+    train.add_argument("--generation-batch-size", type=POSITIVE, default=16)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--disable-tqdm", action="store_true")
     return parser
@@ -102,9 +105,7 @@ def load_splits(args) -> dict:
         splits = {"train": dataset["train"], "validation": dataset["validation"], "test": dataset["test"]}
         names = {"train": "train", "validation": "validation", "test": "test"}
     else:
-        from datasets import load_dataset
-
-        dataset = load_dataset(args.dataset, args.dataset_config)
+        dataset = load_dataset_dict(args.dataset, args.dataset_config)
         document_column = args.document_column or "document"
         names = {"train": args.train_split, "validation": args.validation_split, "test": args.test_split}
         missing = [name for name in names.values() if name not in dataset]
@@ -210,6 +211,32 @@ def format_rouge(scores: dict) -> str:
 # ================================================================================================== training
 
 
+def check_adapter_checkpoint(checkpoint: str, model_path: str, args) -> None:
+    """Refuse to resume a LoRA checkpoint trained on another base model or with other LoRA settings (the adapter would
+    load onto the wrong weights, or fail deep inside PEFT)."""
+    adapter_config = Path(checkpoint) / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise FileNotFoundError(f"Cannot resume from {checkpoint}: it holds no LoRA adapter (adapter_config.json), so "
+                                "it is not a checkpoint of this job.")
+    saved = json.loads(adapter_config.read_text())
+    checks = (("--model", saved.get("base_model_name_or_path"), model_path),
+              ("--lora-r", saved.get("r"), args.lora_r), ("--lora-alpha", saved.get("lora_alpha"), args.lora_alpha))
+    differences = [f"{option} {saved_value} (this command: {value})" for option, saved_value, value in checks
+                   if saved_value is not None and not _same_setting(saved_value, value)]
+    if differences:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: its adapter was trained with {'; '.join(differences)}. Rerun with "
+            "those options, or start fresh with --resume-from-checkpoint none (or another --output-dir)."
+        )
+
+
+def _same_setting(saved, value) -> bool:
+    """Equal, or two names of one local folder."""
+    if saved == value:
+        return True
+    return isinstance(value, str) and Path(value).exists() and Path(saved).resolve() == Path(value).resolve()
+
+
 def pretrain_default_base(args) -> str:
     import pretrain
 
@@ -226,12 +253,8 @@ def pretrain_default_base(args) -> str:
 def run_sft(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    from pretrain import no_accelerator
-
-    if args.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}.")
     set_seed(args.seed)
-    output_dir = Path(args.output_dir)
+    output_dir = prepare_output_dir(args.output_dir)
     sft_config = SFTConfig(
         use_cpu=no_accelerator(),
         output_dir=str(output_dir / "trainer"),
@@ -243,10 +266,12 @@ def run_sft(args) -> dict:
         warmup_steps=max(1, args.max_steps // 20),
         logging_steps=args.logging_steps,
         eval_strategy="no",
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=args.save_steps or max(1, args.max_steps // 4),
+        save_total_limit=args.save_total_limit,
         report_to="none",
         bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
+        **activation_checkpointing_argument(args.gradient_checkpointing),
         max_length=args.max_length,
         packing=args.packing,
         completion_only_loss=True,
@@ -255,6 +280,7 @@ def run_sft(args) -> dict:
         dataset_num_proc=None,
         ddp_find_unused_parameters=False,
     )
+    check_distribution(sft_config)
     model_path = args.model
     if model_path is None:
         if sft_config.world_size > 1:
@@ -270,7 +296,12 @@ def run_sft(args) -> dict:
             else:
                 model_path = pretrain_default_base(args)
 
-    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(model_path, trust_remote_code=True))
+    check_rat_model(model_path, trust_remote_code=True)
+    tokenizer = ensure_pad_token(load_tokenizer(args.tokenizer, trust_remote_code=True) if args.tokenizer else
+                                 load_tokenizer(model_path, "--model", trust_remote_code=True))
+    checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, sft_config.output_dir)
+    if checkpoint is not None:
+        check_adapter_checkpoint(checkpoint, model_path, args)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, trust_remote_code=True, dtype=torch.bfloat16 if args.bf16 else torch.float32
     )
@@ -289,7 +320,7 @@ def run_sft(args) -> dict:
     logger.info("Examples: %d train, %d validation, %d test (ROUGE)", len(data["train"]), len(data["validation"]),
                 len(data["test"]))
 
-    lora_config = default_lora_config(model.config, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    lora_config = default_lora_config(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     trainer = SFTTrainer(
         model=model,
         args=sft_config,
@@ -299,20 +330,21 @@ def run_sft(args) -> dict:
         peft_config=lora_config,
     )
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    logger.info("LoRA on %s: %s trainable parameters of %s (%.2f%%)", lora_config.target_modules, f"{trainable:,}",
+    logger.info("LoRA on %s: %s trainable parameters of %s (%.2f%%)", ", ".join(sorted(lora_config.target_modules)),
+                f"{trainable:,}",
                 f"{total:,}", 100 * trainable / total)
     is_main = trainer.accelerator.is_main_process
 
     results = {"model": model_path, "dataset": args.dataset or "stdlib code summarization",
                "train_examples": len(data["train"]), "test_examples": len(data["test"]),
-               "processes": sft_config.world_size}
+               "processes": sft_config.world_size, "resumed_from": checkpoint}
     if is_main:
         results["rouge_before"], _ = evaluate_rouge(trainer.model, tokenizer, data["test"], args, "ROUGE before")
         logger.info("ROUGE-1/2/L before fine-tuning: %s", format_rouge(results["rouge_before"]))
     trainer.accelerator.wait_for_everyone()
 
     start = time.perf_counter()
-    train_result = trainer.train()
+    train_result = train_resumably(trainer, checkpoint)
     results["train_seconds"] = time.perf_counter() - start
     results["train_loss"] = train_result.training_loss
     results["eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -322,11 +354,12 @@ def run_sft(args) -> dict:
         results["rouge_after"], results["samples"] = evaluate_rouge(trainer.model, tokenizer, data["test"], args, "ROUGE after")
         logger.info("ROUGE-1/2/L after fine-tuning: %s", format_rouge(results["rouge_after"]))
         adapter_dir, merged_dir = output_dir / "adapter", output_dir / "merged"
-        trainer.model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(merged_dir)  # remote-code checkpoint: config with auto_map, model code, weights
-        tokenizer.save_pretrained(merged_dir)
+        with signals_held(f"the adapter and merged model in {output_dir}"):
+            trainer.model.save_pretrained(adapter_dir)
+            tokenizer.save_pretrained(adapter_dir)
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(merged_dir)  # remote-code checkpoint: config with auto_map, model code, weights
+            tokenizer.save_pretrained(merged_dir)
         results["adapter_dir"], results["merged_dir"] = str(adapter_dir.resolve()), str(merged_dir.resolve())
         (output_dir / "sft_results.json").write_text(json.dumps(results, indent=2))
         for sample in results["samples"][:3]:
@@ -338,10 +371,9 @@ def run_sft(args) -> dict:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure_job(logger.name)
     return run_sft(args)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

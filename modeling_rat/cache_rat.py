@@ -300,6 +300,14 @@ class _RecurrentCacheMixin:
         return total
 
 
+def cache_dtype_error(cached: torch.dtype, computed: torch.dtype) -> ValueError:
+    """The error for a cache continued in another dtype than the one that filled it."""
+    return ValueError(
+        f"This cache was filled in {cached} but the model now computes in {computed} (autocast switched on or off, or "
+        "the model converted, since then): continue in the dtype that filled it, or start from a new cache."
+    )
+
+
 def _carry_over_padding(per_column: torch.Tensor, valid: torch.Tensor, previous_state: torch.Tensor) -> torch.Tensor:
     """(B, T, S, D) state after each column, for rollback: a padding column repeats the state before it."""
     batch_size, seq_len = valid.shape
@@ -330,6 +338,8 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
         if self._prepare(geometry, batch_size, num_heads * head_dim, device):
             self.keys = torch.zeros(batch_size, num_heads, 0, head_dim, dtype=dtype, device=device)
             self.values = torch.zeros(batch_size, num_heads, 0, head_dim, dtype=dtype, device=device)
+        elif self.keys.dtype != dtype:
+            raise cache_dtype_error(self.keys.dtype, dtype)
 
     def resume(self, rows: torch.Tensor) -> RatResumeState | None:
         if self.is_empty:
@@ -347,18 +357,28 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
         return torch.where(starts_chunk, torch.zeros((), device=self.running_state.device), self.running_state)
 
     def _store_summaries(self, rows, new_tokens, key_summaries, value_summaries):
-        """Keep the summaries of the chunks the new tokens completed, at slot (row, chunk index)."""
+        """
+        Keep the summaries of the chunks the new tokens completed, at slot (row, chunk index). Shapes depend only on the
+        input's (no host sync; torch.export): every grid chunk writes, those the tokens did not complete repeat the
+        row's last completed one (the same value to the same slot), and a row that completed none writes back a slot's
+        own value.
+        """
+        capacity = self.keys.shape[2]
+        if capacity == 0:
+            return
         first_chunk = torch.div(self.num_tokens[rows], self.chunk_size, rounding_mode="floor")
         completed = torch.div(self.num_tokens[rows] + new_tokens, self.chunk_size, rounding_mode="floor") - first_chunk
-        most_completed = int(completed.max()) if completed.numel() else 0
-        if most_completed > 0:
-            chunks = torch.arange(most_completed, device=rows.device)
-            take = chunks[None, :] < completed[:, None]
-            sequence = torch.arange(rows.shape[0], device=rows.device)[:, None].expand(-1, most_completed)[take]
-            chunk = chunks[None, :].expand(rows.shape[0], -1)[take]
-            self._write_summaries(
-                rows[sequence], first_chunk[sequence] + chunk, key_summaries[sequence, chunk], value_summaries[sequence, chunk]
-            )
+        grid_chunks = torch.arange(key_summaries.shape[1], device=rows.device)
+        chunk = torch.minimum(grid_chunks[None, :], (completed - 1).clamp(min=0)[:, None])  # (N, C)
+        slot = (first_chunk[:, None] + chunk).clamp(max=capacity - 1)
+        row = rows[:, None].expand_as(slot)
+        completes_any = (completed > 0)[:, None, None, None]
+        gather_index = chunk[:, :, None, None].expand(-1, -1, *key_summaries.shape[2:])
+        self._write_summaries(
+            row, slot,
+            torch.where(completes_any, key_summaries.gather(1, gather_index).to(self.keys.dtype), self.keys[row, :, slot]),
+            torch.where(completes_any, value_summaries.gather(1, gather_index).to(self.values.dtype), self.values[row, :, slot]),
+        )
 
     def _store_token_summary(self, valid, key_summary, value_summary):
         """Keep the token's summaries where it completes its row's chunk (fixed shapes: compiled decoding)."""
@@ -374,6 +394,19 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
             torch.where(completes, value_summary.to(self.values.dtype), self.values[rows, :, slot]),
         )
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """
+        Roll back as `_RecurrentCacheMixin.crop` does, then clear the summaries of the chunks rolled back. Slots beyond
+        a row's count of valid summaries always hold zeros: attention gives them weight zero, and 0 * NaN would carry a
+        fault of a discarded token (a rejected draft) into the tokens that follow.
+        """
+        super().crop(tokens_to_remove)
+        if self.is_initialized and self.keys.shape[2]:
+            slots = torch.arange(self.keys.shape[2], device=self.keys.device)
+            stale = slots[None, :] >= torch.div(self.num_tokens, self.chunk_size, rounding_mode="floor")[:, None]
+            self.keys.masked_fill_(stale[:, None, :, None], 0)
+            self.values.masked_fill_(stale[:, None, :, None], 0)
+
     def reserve(self, num_new_columns: int):
         """Grow the summary buffers so that `num_new_columns` more columns fit: one slot per chunk they complete."""
         self._ensure_capacity((self.num_columns + num_new_columns) // self.chunk_size)
@@ -386,7 +419,7 @@ class RatChunkCacheLayer(_RecurrentCacheMixin, CacheLayerMixin):
             self.values = torch.cat([self.values, pad], dim=2)
 
     def _write_summaries(self, rows, slots, key_summaries, value_summaries):
-        """Store chunk summaries (n, H, d) at (rows[i], :, slots[i]), in place."""
+        """Store chunk summaries (..., H, d) at (rows, :, slots), index tensors of one shape, in place."""
         self.keys[rows, :, slots] = key_summaries.detach().to(self.keys.dtype)
         self.values[rows, :, slots] = value_summaries.detach().to(self.values.dtype)
 
@@ -512,10 +545,24 @@ _OWN_CLASSES = {
 }
 
 
-def note_padding(cache, key_valid: torch.Tensor | None) -> None:
+def note_padding(cache, has_padding: bool | None) -> None:
     """Remember that `cache` now holds padding (rows of a padded batch), so that later calls must bring the mask."""
-    if key_valid is not None and not torch.compiler.is_compiling() and not bool(key_valid.all()):
+    if has_padding:
         cache.rat_holds_padding = True
+
+
+def detach_cache(cache) -> None:
+    """
+    Keep only the values of what attention layers stored (transformers' layers store the autograd graph with them when
+    gradients are on; RAT and rnn layers store detached tensors): a cache is state, not part of a graph, so that it can
+    be copied (`copy.deepcopy`) and does not keep a forward's activations alive. The gradients of the forward that filled
+    it are unchanged. Reads only `requires_grad` flags (nothing on the device).
+    """
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if torch.is_tensor(tensor) and tensor.requires_grad:
+                setattr(layer, name, tensor.detach())
 
 
 def holds_padding(cache) -> bool:
@@ -541,7 +588,9 @@ __all__ = [
     "RatStaticChunkCacheLayer",
     "RatStaticRecurrentCacheLayer",
     "adopt_cache_layers",
+    "cache_dtype_error",
     "cache_nbytes",
+    "detach_cache",
     "holds_padding",
     "note_padding",
 ]

@@ -1,4 +1,4 @@
-"""PyTorch RAT model: `RatModel` and `RatForCausalLM`.
+"""PyTorch RAT model: `RatModel`, `RatForCausalLM` and task heads.
 
 Read top to bottom:
 
@@ -7,6 +7,8 @@ Read top to bottom:
    `RatRecurrentMixer` (the rnn layer), both on `RatGatedRecurrence`; `RatAttention` (full or sliding window).
 3. `RatDecoderLayer`: pre-norm residual block, mixer then MLP.
 4. `RatPreTrainedModel`, `RatModel`, `RatForCausalLM`.
+5. Task heads (transformers' generic heads): `RatForSequenceClassification`, `RatForTokenClassification`,
+   `RatForQuestionAnswering`.
 
 Beside this file: `rat_layout.py` (where each token of a batch sits: padding, packing, the grid of chunks),
 `rat_backends.py` (the table of ways RAT layers compute: reference, fast PyTorch, Triton), `rat_ops.py` (the PyTorch
@@ -16,8 +18,6 @@ are copied next to saved weights, so that `trust_remote_code=True` loading needs
 
 import functools
 import math
-import sys
-from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
@@ -28,36 +28,59 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .cache_rat import (
     RatChunkCacheLayer,
     RatRecurrentCacheLayer,
     adopt_cache_layers,
+    cache_dtype_error,
     cache_nbytes,
+    detach_cache,
     holds_padding,
     note_padding,
 )
 from .rat_backends import RatBackend, select_rat_backend
-from .rat_layout import RatSequenceLayout
-from .rat_ops import apply_rotary, chunk_mixing, composed_chunk_mixing, rotary_cos_sin, sliding_window_attention, tile_groups
+from .rat_layout import RatSequenceLayout, require_integer_tensor
+from .rat_ops import apply_rotary, attention_containing_faults, chunk_mixing, composed_chunk_mixing, rotary_cos_sin, tile_groups
 
 
-try:  # inside a remote-code folder the configuration is a sibling file
-    from .configuration_rat import RatConfig
-except ImportError:  # installed package
-    from configuration_rat import RatConfig
+from .configuration_rat import RatConfig
 
 
 logger = logging.get_logger(__name__)
 
-# The folder of this file and its sibling modules: the code bundled next to the weights of every saved model.
-MODEL_CODE_DIRECTORY = Path(__file__).resolve().parent
-
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`.
 CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def accepts_past_key_values(forward):
+    """
+    The forwards take the cache as `cache` and accept the name transformers used before 5.24, `past_key_values`: with
+    5.24's deprecation warning (as its own models give), or silently before 5.24, where it is the name that generate()
+    and the generic task heads pass.
+    """
+    if CACHE_FIELD == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def forward_taking_past_key_values(self, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            if kwargs.get("cache") is not None:
+                raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
+            kwargs["cache"] = past_key_values
+        return forward(self, *args, **kwargs)
+
+    return forward_taking_past_key_values
 
 
 # ========================================================================================================= blocks
@@ -182,7 +205,8 @@ class RatMixer(RatGatedRecurrence):
         grid = layout.chunk_grid(self.chunk_size)
         resume = cache_layer.resume(grid.batch_row) if cache_layer is not None else None
         cos, sin = rotary_cos_sin(grid.chunk_index, self.head_dim, self.config.rope_theta, torch.float32)  # (N, C, d)
-        if backend.name == "fast":
+        # The fused mixing calls the CPU flash kernel directly and is opaque to tracing: eager CPU tensors only.
+        if backend.name == "fast" and hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
             mixing = chunk_mixing
         else:
             mixing = functools.partial(composed_chunk_mixing, backend.gated_chunk_scan, backend.chunk_attention)
@@ -303,22 +327,26 @@ class RatAttention(nn.Module):
                 layout.attention_mask_for(None, self.sliding_window)
             )
         else:
-            self._check_cache_layer(cache_layer, batch_size, layout.cached_columns)
+            self._check_cache_layer(cache_layer, batch_size, layout.cached_columns, key.dtype)
+            if layout.key_valid is not None:  # padding enters the cache as zeros, so that decoding never meets a NaN
+                keep = layout.valid[:, None, :, None]  # there (zero weights times NaN would be NaN)
+                key, value = torch.where(keep, key, 0.0), torch.where(keep, value, 0.0)
             key, value = cache_layer.update(key, value)
             total = layout.cached_columns + seq_len  # columns the cache holds now
             returned = key.shape[2]
-            key_columns = max(total - returned, 0) + torch.arange(returned, device=key.device)
+            # The returned keys are the last columns the cache holds (a static layer returns all its slots).
+            first_column = total - returned
+            first_column = first_column.clamp(min=0) if torch.is_tensor(first_column) else max(first_column, 0)
+            key_columns = first_column + torch.arange(returned, device=key.device)
             mask = layout.attention_mask_for(key_columns, self.sliding_window)
-        long_window_prefill = (
-            self.sliding_window is not None and layout.columns_are_positions and key.shape[2] == seq_len and seq_len > 2 * self.sliding_window
-        )
-        if long_window_prefill:  # blocks of queries: O(T * window) time and memory instead of a T x T mask
-            out = sliding_window_attention(query, key, value, self.sliding_window)
-        else:
+        if seq_len == 1:  # decoding: the columns one query does not see are padding (cached as zeros) or older tokens
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None)
+        else:  # a NaN or inf in one token reaches only the queries that see it; without a mask, sliding layers
+            # attend in blocks of queries: O(T * window) time and memory instead of a T x T mask
+            out = attention_containing_faults(query, key, value, mask, self.sliding_window, layout.valid)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
 
-    def _check_cache_layer(self, cache_layer, batch_size, cached_columns):
+    def _check_cache_layer(self, cache_layer, batch_size, cached_columns, dtype):
         kind = "sliding-window" if self.sliding_window is not None else "full"
         is_sliding = bool(getattr(cache_layer, "is_sliding", False))
         window = getattr(cache_layer, "sliding_window", None)
@@ -329,7 +357,9 @@ class RatAttention(nn.Module):
                 f"Layer {self.layer_idx} is a {kind} attention layer but its cache layer is a "
                 f"{type(cache_layer).__name__}: the cache belongs to another model. Let the model create its cache."
             )
-        if not cache_layer.is_compileable and int(cache_layer.get_seq_length()) != cached_columns:
+        # A host-side check, skipped while tracing: torch.export rebuilds transformers' sliding-window layers from the
+        # tensors they keep, and their count is then only the window.
+        if not torch.compiler.is_compiling() and not cache_layer.is_compileable and int(cache_layer.get_seq_length()) != cached_columns:
             raise ValueError(
                 f"The cache layers disagree: layer {self.layer_idx} holds {int(cache_layer.get_seq_length())} tokens, "
                 f"the cache {cached_columns}. Was the cache modified by hand? Start from a new cache."
@@ -346,6 +376,8 @@ class RatAttention(nn.Module):
                     f"The cache of layer {self.layer_idx} holds {keys.shape[1]} heads of size {keys.shape[3]}, the model "
                     f"has {self.num_heads} of size {self.head_dim}: the cache belongs to another model."
                 )
+            if keys.dtype != dtype:
+                raise cache_dtype_error(keys.dtype, dtype)
 
 
 MIXER_CLASSES = {
@@ -354,6 +386,11 @@ MIXER_CLASSES = {
     "full_attention": RatAttention,
     "sliding_attention": RatAttention,
 }
+
+
+def covers_static_cache(attention_mask: torch.Tensor, cache: Cache) -> bool:
+    """Whether a 2-D mask spans the whole length of a preallocated (static) cache (see `create_masks_for_generate`)."""
+    return bool(cache.is_compileable) and attention_mask.shape[1] == cache.get_max_length()
 
 
 class RatDecoderLayer(GradientCheckpointingLayer):
@@ -384,18 +421,29 @@ class RatPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _is_stateful = False  # the cache rolls back exactly (see cache_rat.py), so assisted decoding works
+    _can_compile_fullgraph = True  # with a static cache, a decode step compiles without graph breaks, once
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """
-        `PreTrainedModel.save_pretrained`, with the code of this very model (this file and its sibling modules)
-        bundled beside the weights, so that the folder loads with `trust_remote_code=True` without this package. This
-        holds for a model that was itself loaded with remote code: its bundle is taken from the folder it was loaded
-        from, which is not the folder of its configuration's code in transformers' module cache.
-        """
-        config_module = sys.modules.get(type(self.config).__module__)
-        bundle_code_from = getattr(config_module, "bundle_code_from", None)
-        with bundle_code_from(MODEL_CODE_DIRECTORY) if bundle_code_from is not None else nullcontext():
-            return super().save_pretrained(save_directory, *args, **kwargs)
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a safetensors weight file that cannot be read is named in the error."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            damaged = []
+            if pretrained_model_name_or_path is not None and Path(pretrained_model_name_or_path).is_dir():
+                for path in sorted(Path(pretrained_model_name_or_path).glob("*.safetensors")):
+                    try:
+                        with safe_open(path, framework="pt"):
+                            pass
+                    except SafetensorError:
+                        damaged.append(str(path))
+            where = ", ".join(damaged) or f"a safetensors weight file of {pretrained_model_name_or_path}"
+            raise OSError(
+                f"{where} cannot be read ({error}): it is truncated or not a safetensors file. Save the model again, or "
+                "download it again (`force_download=True`)."
+            ) from error
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -418,12 +466,135 @@ class RatPreTrainedModel(PreTrainedModel):
             if isinstance(module, RatMixer):
                 upper = max(self.config.chunk_size - 1, 2)
             else:
-                upper = max(self.config.max_position_embeddings - 1, 2)
+                upper = max(self.config.rnn_forget_gate_init_length - 1, 2)
             bias = torch.empty_like(module.forget_gate_bias, dtype=torch.float32).uniform_(1.0, float(upper)).log_()
             if hasattr(init, "copy_"):
                 init.copy_(module.forget_gate_bias, bias.to(module.forget_gate_bias.dtype))
             elif not getattr(module.forget_gate_bias, "_is_hf_initialized", False):
                 module.forget_gate_bias.copy_(bias)
+
+
+def validate_model_inputs(config, embed_tokens, input_ids, inputs_embeds, cache, output_attentions):
+    """
+    Refuse what `RatModel` cannot run correctly, with a message that says what to change. The attention mask and the
+    position ids are checked where they are read (`RatSequenceLayout.build`), the labels by `validate_loss_inputs`.
+
+    * exactly one of `input_ids`, integer ids of shape (batch, tokens) in [0, vocab_size), and `inputs_embeds`, a
+      floating (batch, tokens, hidden_size) tensor in the embedding's dtype (any floating dtype under autocast);
+    * at least one row and one new token; `cache` a transformers `Cache`; no `output_attentions`.
+
+    The id range costs one comparison over the ids and one read from the device per forward, skipped while compiling;
+    the rest reads only shapes and types.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+    if output_attentions:
+        raise ValueError("RAT models do not return attention weights (RAT layers attend to chunk summaries).")
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(f"`cache` must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}.")
+    if input_ids is not None:
+        require_integer_tensor("input_ids", input_ids, "token ids")
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"`input_ids` must have shape (batch, tokens), got {tuple(input_ids.shape)}"
+                + (": add the batch dimension with `input_ids[None]`." if input_ids.dim() == 1 else ".")
+            )
+        shape = tuple(input_ids.shape)
+    else:
+        if not torch.is_tensor(inputs_embeds) or not inputs_embeds.is_floating_point():
+            kind = inputs_embeds.dtype if torch.is_tensor(inputs_embeds) else type(inputs_embeds).__name__
+            raise TypeError(f"`inputs_embeds` must be a floating-point tensor, got {kind}.")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, tokens, {config.hidden_size}) (the model's hidden size), got "
+                f"{tuple(inputs_embeds.shape)}."
+            )
+        model_dtype = embed_tokens.weight.dtype
+        if inputs_embeds.dtype != model_dtype and not torch.is_autocast_enabled(inputs_embeds.device.type):
+            raise TypeError(
+                f"`inputs_embeds` are {inputs_embeds.dtype} but the model computes in {model_dtype}: pass "
+                "`inputs_embeds.to(model.dtype)` (or run under torch.autocast)."
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+    if shape[0] == 0:
+        raise ValueError("The input has no rows (batch size 0): pass at least one sequence.")
+    if shape[1] == 0:
+        cached = int(cache.get_seq_length()) if cache is not None else 0
+        raise ValueError(
+            "The input has no new token" + (f" (the cache already holds {cached} tokens)" if cached else "") + ": "
+            "with a cache, pass the whole sequence to generate() (the cached tokens followed by the new ones), or "
+            "at least one new token to forward()."
+        )
+    if input_ids is not None and not torch.compiler.is_compiling():
+        smallest, largest = torch.stack(torch.aminmax(input_ids)).tolist()
+        if smallest < 0 or largest >= config.vocab_size:
+            raise ValueError(
+                f"`input_ids` holds the id {smallest if smallest < 0 else largest}, outside the vocabulary [0, "
+                f"{config.vocab_size}): ids must come from this model's tokenizer (is `vocab_size` right?)."
+            )
+
+
+def validate_loss_inputs(labels, logits_to_keep, input_shape, vocab_size, loss_kwargs):
+    """
+    Refuse labels and `logits_to_keep` that cannot give the loss or the logits asked for (`RatForCausalLM.forward`).
+
+    * `labels`: integer (batch, tokens), the input's shape (the model shifts them: logits at t are scored against
+      labels[t + 1]), each an id in [0, vocab_size) or `ignore_index` (-100); the same for `shift_labels` (already
+      shifted). When every target is ignored (and `num_items_in_batch` counts no supervised token elsewhere), the
+      loss is NaN, a mean over no token, as in transformers' loss: a warning says so. A warning, not an error: the
+      gradients of that loss are exactly zero, so a training step on such a batch (a completion truncated away) does
+      not spoil the weights, and an error would stop a long run for it.
+    * `logits_to_keep`: an int >= 0 (0 keeps all; more than the input has keeps all) or a 1-D tensor of indices of
+      tokens; 0 when labels are given (the loss needs every token's logits).
+
+    Costs one read from the device per forward with labels (skipped while compiling).
+    """
+    if torch.is_tensor(logits_to_keep):
+        require_integer_tensor("logits_to_keep", logits_to_keep, "indices of tokens")
+        seq_len = input_shape[1]
+        if logits_to_keep.dim() != 1:
+            raise ValueError(f"A tensor `logits_to_keep` must be 1-D (indices of tokens), got shape {tuple(logits_to_keep.shape)}.")
+        if not torch.compiler.is_compiling() and bool(((logits_to_keep < -seq_len) | (logits_to_keep >= seq_len)).any()):
+            raise ValueError(f"`logits_to_keep` holds indices outside the {seq_len} tokens of the input: {logits_to_keep.tolist()}.")
+    elif isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int):
+        raise TypeError(f"`logits_to_keep` must be an int or a tensor of indices of tokens, got {logits_to_keep!r}.")
+    elif logits_to_keep < 0:
+        raise ValueError(f"`logits_to_keep` must be >= 0 (the number of last tokens to keep, 0 for all), got {logits_to_keep}.")
+    if labels is None:
+        return
+    if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        raise ValueError("`logits_to_keep` must be 0 when `labels` are given: the loss needs the logits of every token.")
+    ignore_index = loss_kwargs.get("ignore_index", -100)
+    targets = {"labels": labels}
+    if loss_kwargs.get("shift_labels") is not None:
+        targets["shift_labels"] = loss_kwargs["shift_labels"]
+    for name, tensor in targets.items():
+        require_integer_tensor(name, tensor, f"token ids, {ignore_index} for ignored tokens")
+        if tuple(tensor.shape) != tuple(input_shape):
+            raise ValueError(
+                f"`{name}` has shape {tuple(tensor.shape)} but the input has shape {tuple(input_shape)}: give one label per "
+                f"input token ({ignore_index} where no loss is wanted); the model shifts them itself."
+            )
+    if torch.compiler.is_compiling():
+        return
+    supervised = (labels[:, 1:] if "shift_labels" not in targets else targets["shift_labels"]) != ignore_index
+    out_of_range = [((tensor < 0) | (tensor >= vocab_size)) & (tensor != ignore_index) for tensor in targets.values()]
+    num_items = loss_kwargs.get("num_items_in_batch")
+    others_supervised = torch.as_tensor(num_items if num_items is not None else 0, device=labels.device) > 0
+    flags = torch.stack([*(bad.any() for bad in out_of_range), supervised.any() | others_supervised]).tolist()
+    for (name, tensor), bad, failed in zip(targets.items(), out_of_range, flags):
+        if failed:
+            raise ValueError(
+                f"`{name}` holds {int(tensor[bad][0])}, which is neither a token id in [0, {vocab_size}) nor the ignored "
+                f"label {ignore_index}."
+            )
+    if not flags[-1]:
+        logger.warning_once(
+            f"Every target of a batch is ignored ({ignore_index}; the targets are labels[:, 1:], as token t predicts token "
+            "t + 1): its loss is NaN, a mean over no token. Its gradients are zero (weights move only by the "
+            "optimiser's momentum); drop such batches, or pass `num_items_in_batch` (the supervised tokens of all "
+            "micro-batches) to get a loss of 0. Shown once."
+        )
 
 
 class RatModel(RatPreTrainedModel):
@@ -444,6 +615,8 @@ class RatModel(RatPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @accepts_past_key_values
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -454,18 +627,10 @@ class RatModel(RatPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if output_attentions:
-            raise ValueError("RAT models do not return attention weights (RAT layers attend to chunk summaries).")
-        if cache is None:
-            cache = past_key_values
-        elif past_key_values is not None:
-            raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
+        """A `BaseModelOutputWithPast`, or its tuple with `return_dict=False` (or `config.return_dict=False`)."""
+        validate_model_inputs(self.config, self.embed_tokens, input_ids, inputs_embeds, cache, output_attentions)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache is not None):
@@ -474,18 +639,19 @@ class RatModel(RatPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        if seq_len == 0:
-            cached = int(cache.get_seq_length()) if cache is not None else 0
-            raise ValueError(
-                "The input has no new token" + (f" (the cache already holds {cached} tokens)" if cached else "") + ": "
-                "with a cache, pass the whole sequence to generate() (the cached tokens followed by the new ones), or "
-                "at least one new token to forward()."
-            )
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(f"`cache` must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}.")
 
         if cache is None:
             cached_columns = 0
+        elif attention_mask is not None and attention_mask.dim() == 2 and covers_static_cache(attention_mask, cache):
+            # Compiled decoding (see `create_masks_for_generate`): the count of cached tokens stays a tensor, so that
+            # every step runs the same graph (a copy: the cache layers update theirs in place during this forward).
+            # Eager calls read it and drop the mask's columns after the new tokens.
+            cached_columns = cache.get_seq_length()
+            if torch.compiler.is_compiling() and torch.is_tensor(cached_columns):
+                cached_columns = cached_columns.clone()
+            else:
+                cached_columns = int(cached_columns)
+                attention_mask = attention_mask[:, : cached_columns + seq_len]
         elif attention_mask is not None and attention_mask.dim() == 2:  # no device sync (compiled decoding)
             cached_columns = attention_mask.shape[1] - seq_len
             if not torch.compiler.is_compiling() and cached_columns != int(cache.get_seq_length()):
@@ -499,6 +665,7 @@ class RatModel(RatPreTrainedModel):
         layout = RatSequenceLayout.build(
             batch_size, seq_len, inputs_embeds.device, attention_mask, position_ids, cached_columns,
             cache_has_padding=cache is not None and holds_padding(cache),
+            continues_given_cache=cache is not None,  # built here otherwise, after the layout
         )
         if use_cache and cache is None and not layout.packed:  # packed sequences have no single state to continue
             cache = DynamicCache(config=self.config)
@@ -511,8 +678,7 @@ class RatModel(RatPreTrainedModel):
                     "belongs to another model."
                 )
             adopt_cache_layers(cache, self.config.layer_types)
-            if seq_len > 1:
-                note_padding(cache, layout.key_valid)
+            note_padding(cache, layout.has_padding)
 
         backend = None
         if any(layer_type in ("rat", "rnn") for layer_type in self.config.layer_types):
@@ -527,6 +693,8 @@ class RatModel(RatPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+        if cache is not None and torch.is_grad_enabled():
+            detach_cache(cache)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
@@ -558,11 +726,31 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @accepts_past_key_values
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache=None, **kwargs):
+        """
+        The mask generate() passes to the forward when the cache is preallocated (static, for compiled decoding).
+        transformers' mask builders do not know RAT's layer types and would hand over the 2-D padding mask, one column
+        longer at every token, so that a compiled decode step would be compiled again for each. Here the padding mask is
+        widened with zeros to the whole length of the cache: the same shape at every step (the forward takes the number
+        of cached tokens from the cache).
+        """
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            columns = int(cache.get_seq_length()) + seq_len
+            attention_mask = torch.ones(batch_size, columns, dtype=torch.long, device=inputs_embeds.device)
+        missing = cache.get_max_length() - attention_mask.shape[1]
+        if missing < 0:  # more tokens than the cache holds: the forward says so
+            return attention_mask
+        return F.pad(attention_mask, (0, missing))
+
     def set_rat_implementation(self, implementation: str):
         """Choose how RAT layers run: "auto", "fast", "reference" or "triton" (see `RatConfig`)."""
         self.config.rat_implementation = implementation
         self.config._check_rat_arguments(self.config.head_dim)
 
+    @accepts_past_key_values
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -574,22 +762,23 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """A `CausalLMOutputWithPast`, or its tuple with `return_dict=False` (or `config.return_dict=False`)."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
+        validate_loss_inputs(labels, logits_to_keep, hidden_states.shape[:2], self.config.vocab_size, kwargs)
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
@@ -599,15 +788,108 @@ class RatForCausalLM(RatPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss_kwargs = {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index", "shift_labels")}
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        output = CausalLMOutputWithPast(
+        return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
-        if return_dict is False:
-            return output.to_tuple()
-        return output
 
 
-__all__ = ["RatPreTrainedModel", "RatModel", "RatForCausalLM", "cache_nbytes"]
+# ==================================================================================================== task heads
+# transformers' generic heads (their forward, loss and output), on `RatModel`. Each builds its `RatModel` itself:
+# the generic `__init__` asks `AutoModel` for it, which knows RAT only where this package registered it, not in a
+# checkpoint loaded with `trust_remote_code=True` elsewhere.
+
+
+class RatForSequenceClassification(GenericForSequenceClassification, RatPreTrainedModel):
+    """A linear `score` of each row's last real token (left and right padding alike): one label per sequence."""
+
+    def __init__(self, config: RatConfig):
+        RatPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = RatModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    @accepts_past_key_values
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        """
+        Scores of each row's last real token: the last column that `attention_mask` keeps; without a mask, the last
+        token that is not `pad_token_id` (transformers' rule), else the last column.
+        """
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        batch_size, seq_len = hidden_states.shape[:2]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask[:, -seq_len:].to(hidden_states.device, torch.bool)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = (input_ids != self.config.pad_token_id).to(hidden_states.device)
+        else:
+            real = torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
+        columns = torch.arange(seq_len, device=hidden_states.device)
+        last_real = torch.where(real, columns, 0).amax(dim=-1)
+        logits = self.score(hidden_states[torch.arange(batch_size, device=hidden_states.device), last_real])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+
+
+class RatForTokenClassification(GenericForTokenClassification, RatPreTrainedModel):
+    """A linear `score` of every token after dropout (`config.classifier_dropout`, default 0.1): one label per token."""
+
+    def __init__(self, config: RatConfig):
+        RatPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = RatModel(config)
+        classifier_dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if classifier_dropout is None else classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=getattr(config, "token_classification_bias", True))
+        self.post_init()
+
+
+class RatForQuestionAnswering(GenericForQuestionAnswering, RatPreTrainedModel):
+    """Extractive question answering: start and end scores of every token (`qa_outputs`)."""
+
+    def __init__(self, config: RatConfig):
+        RatPreTrainedModel.__init__(self, config)
+        self.model = RatModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+
+__all__ = [
+    "RatPreTrainedModel",
+    "RatModel",
+    "RatForCausalLM",
+    "RatForSequenceClassification",
+    "RatForTokenClassification",
+    "RatForQuestionAnswering",
+    "cache_nbytes",
+]

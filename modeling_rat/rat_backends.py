@@ -23,6 +23,7 @@ from transformers.utils import logging
 from .rat_ops import (
     chunk_attention,
     chunk_attention_reference,
+    contain_summary_faults,
     decode_attention,
     decode_attention_reference,
     gated_chunk_scan,
@@ -63,60 +64,83 @@ FAST = RatBackend(
 
 @functools.cache
 def _triton_backend() -> RatBackend:
+    from .rat_triton import TritonKernelError
     from .rat_triton import chunk_attention as triton_chunk_attention
     from .rat_triton import chunk_scan as triton_chunk_scan
+    from .rat_triton import decode_attention as triton_decode_attention
+    from .rat_triton import gated_chunk_scan as triton_gated_chunk_scan
 
-    def triton_decode_attention(query, own_score, own_value, key_summaries, value_summaries, num_cached_chunks, scale):
-        # one token per row is a chunk attention with one query chunk of one token: one program per row and head
-        out = triton_chunk_attention(
-            query[:, None, :, None], own_score[:, None, :, None], own_value[:, None, :, None],
-            key_summaries, value_summaries, num_cached_chunks, scale=scale,
-        )
-        return out[:, 0, :, 0]
+    def with_fallback(kernel, pytorch_function):
+        """The kernel, or the PyTorch function (and one log line) if the kernel cannot compile or launch here."""
+
+        def run(*args, **kwargs):
+            try:
+                return kernel(*args, **kwargs)
+            except TritonKernelError as error:
+                if torch.compiler.is_compiling():
+                    raise
+                logger.warning_once(f"A RAT Triton kernel failed ({error}); RAT layers use the PyTorch path for it.")
+                return pytorch_function(*args, **kwargs)
+
+        return run
+
+    def containing_faults(kernel):
+        """
+        The kernel given the inputs of `contain_summary_faults`: it multiplies the zero weights of summaries a query
+        may not see by those summaries, and 0 * NaN is NaN, so a fault would reach earlier tokens otherwise.
+        """
+
+        def run(query, own_score, own_value, key_summaries, value_summaries, num_cached_chunks, scale):
+            own_value, key_summaries, value_summaries = contain_summary_faults(
+                own_value, key_summaries, value_summaries, num_cached_chunks
+            )
+            return kernel(query, own_score, own_value, key_summaries, value_summaries, num_cached_chunks, scale)
+
+        return run
 
     return RatBackend(
         "triton",
-        gated_chunk_scan=functools.partial(gated_chunk_scan, scan=triton_chunk_scan),
-        chunk_attention=triton_chunk_attention,
-        decode_attention=triton_decode_attention,
-        linear_recurrence=linear_recurrence,
+        gated_chunk_scan=with_fallback(triton_gated_chunk_scan, gated_chunk_scan),
+        chunk_attention=with_fallback(containing_faults(triton_chunk_attention), chunk_attention),
+        decode_attention=with_fallback(triton_decode_attention, decode_attention),
+        linear_recurrence=with_fallback(functools.partial(linear_recurrence, scan=triton_chunk_scan), linear_recurrence),
     )
 
 
 def select_rat_backend(config, device: torch.device | str, dtype: torch.dtype | None = None) -> RatBackend:
     """
     The backend RAT layers use for activations of `dtype` on `device` (under autocast, its dtype counts): the one
-    `config.rat_implementation` names, or for "auto" the Triton kernels on CUDA when they can run, else "fast".
+    `config.rat_implementation` names, or for "auto" the Triton kernels on a CUDA GPU where they are fast and pass
+    a one-time self-check (compile and launch), else "fast".
     """
     device = torch.device(device)
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
+    dtype = dtype or torch.float32
     requested = getattr(config, "rat_implementation", "auto")
     if requested == "reference":
         return REFERENCE
     if requested == "fast":
         return FAST
-    if requested == "triton":
-        from .rat_triton import TRITON_IMPORT_ERROR, triton_is_usable
+    from .rat_triton import triton_self_check, triton_unavailable_reason
 
-        if not triton_is_usable(device, dtype):
-            reason = f"triton cannot be imported ({TRITON_IMPORT_ERROR})" if TRITON_IMPORT_ERROR else (
-                f"the kernels take CUDA tensors (or CPU tensors under TRITON_INTERPRET=1) of dtype float32, bfloat16 or "
-                f"float16, got {device} {dtype}"
-            )
+    if requested == "triton":
+        reason = triton_unavailable_reason(device, dtype, config.head_dim, automatic=False)
+        if reason is not None:
             raise ValueError(f"rat_implementation='triton' cannot run here: {reason}. Use 'auto' or 'fast'.")
         return _triton_backend()
     if device.type == "cuda":
-        from .rat_triton import triton_is_usable
-
-        if triton_is_usable(device, dtype):
+        reason = triton_unavailable_reason(device, dtype, config.head_dim, automatic=True)
+        if reason is None and not torch.compiler.is_compiling():
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            reason = triton_self_check(
+                torch.device("cuda", index), dtype, config.num_attention_heads, config.head_dim,
+                config.num_qk_groups, config.chunk_size,
+            )
+        if reason is None:
             _log_once(logger.info_once, "RAT layers run the Triton kernels (rat_implementation='auto' on CUDA).")
             return _triton_backend()
-        _log_once(
-            logger.warning_once,
-            "RAT layers run the fast PyTorch path on CUDA: the Triton kernels need `triton` installed and float32, "
-            "bfloat16 or float16 activations.",
-        )
+        _log_once(logger.warning_once, f"RAT layers run the fast PyTorch path on CUDA: {reason}.")
         return FAST
     _log_once(logger.info_once, "RAT layers run the fast PyTorch path (rat_implementation='auto' off CUDA).")
     return FAST

@@ -16,6 +16,12 @@ Three arrangements, from cheapest to most general:
 import torch
 
 
+# While tracing (torch.compile, torch.export), grids get at least this many chunks: PyTorch's shape tracing treats a
+# dimension of size 0 or 1 as a special case, so a grid of one or two chunks (one key summary) would tie an export with
+# dynamic lengths to lengths long enough to avoid them. Empty chunks leave every result unchanged.
+TRACED_MIN_CHUNKS = 3
+
+
 class RatSequenceLayout:
     """
     Where every token of a batch sits.
@@ -24,15 +30,20 @@ class RatSequenceLayout:
     * `positions` (B, T): position of each token inside its own sequence (padding and earlier packed sequences do
       not count; 0 for padding). Given `position_ids` win; otherwise they are derived from the mask (cumsum - 1),
       continuing what the cache holds, as `generate()` does.
-    * `cached_columns`: tokens the cache holds per row, padding included; `cached_tokens` (B,): real tokens it holds.
+    * `cached_columns`: tokens the cache holds per row, padding included (a 0-d tensor in compiled decoding with a
+      static cache, whose mask then spans the whole cache); `cached_tokens` (B,): real tokens it holds.
     * `key_valid`, `key_positions` (B, cached_columns + T): validity and position of every column an attention layer
       may attend to (`key_valid` is None without a mask).
     * `columns_are_positions`: one sequence per row, from position 0 in column 0, no padding, empty cache: layers
       then reshape instead of scattering (the common training and prefill case).
     * `packed`: some row holds several sequences (a position that does not continue the previous real token's).
+    * `has_padding`: some column (cached or new) is padding; None when unknown (while compiling).
     """
 
-    def __init__(self, valid, positions, cached_columns, cached_tokens, key_valid, key_positions, columns_are_positions, packed):
+    def __init__(
+        self, valid, positions, cached_columns, cached_tokens, key_valid, key_positions, columns_are_positions, packed,
+        has_padding=None,
+    ):
         self.valid = valid
         self.positions = positions
         self.cached_columns = cached_columns
@@ -41,49 +52,83 @@ class RatSequenceLayout:
         self.key_positions = key_positions
         self.columns_are_positions = columns_are_positions
         self.packed = packed
+        self.has_padding = has_padding
         self._segments = None
         self._chunk_grids = {}
 
     @classmethod
-    def build(cls, batch_size, seq_len, device, attention_mask=None, position_ids=None, cached_columns=0, cache_has_padding=False):
-        total = cached_columns + seq_len
-        checking = not torch.compiler.is_compiling()  # value checks read the device; compiled code skips them
+    def build(
+        cls, batch_size, seq_len, device, attention_mask=None, position_ids=None, cached_columns=0,
+        cache_has_padding=False, continues_given_cache=False,
+    ):
+        """
+        The layout of `seq_len` new tokens per row after `cached_columns` cached ones, with clear errors for masks and
+        positions that cannot be right. `continues_given_cache`: the caller passed the cache in, to continue it (as
+        generate() does), so no row may be right-padded.
+
+        Checks of tensor values are read from the device together with what the layout itself needs on the host: one
+        synchronisation per call at most, none for plain inputs (no mask, no position ids); compiled code skips them.
+        In compiled decoding with a static cache, `cached_columns` is a 0-d tensor and the mask spans the whole cache.
+        """
+        total = attention_mask.shape[-1] if torch.is_tensor(cached_columns) else cached_columns + seq_len
+        checks = _DeviceChecks(enabled=not torch.compiler.is_compiling())
         key_valid = None
         if attention_mask is not None:
-            key_valid = _padding_mask(attention_mask, batch_size, total, cached_columns, seq_len, device, checking)
+            key_valid = _padding_mask(attention_mask, batch_size, total, cached_columns, seq_len, device, checks)
+            if continues_given_cache:
+                _refuse_right_padding(key_valid, checks)
         elif cache_has_padding:
             raise ValueError(
                 "The cache holds a padded batch: pass the full `attention_mask` (past and new tokens) with every call, as "
                 "generate() does, so that padding stays out of the state."
             )
         if key_valid is not None:
-            valid = key_valid[:, cached_columns:]
+            # Indexed rather than sliced: `cached_columns` is a tensor in compiled decoding, where the mask spans the
+            # whole static cache (columns after the new tokens are zero).
+            columns = torch.arange(key_valid.shape[1], device=device)
+            new_columns = columns[:seq_len] + cached_columns
+            valid = key_valid[:, new_columns]
             key_positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
-            cached_tokens = key_valid[:, :cached_columns].sum(-1)
-            derived_positions = key_positions[:, cached_columns:]
+            cached_tokens = (key_valid & (columns < cached_columns)).sum(-1)
+            derived_positions = key_positions[:, new_columns]
         else:
             valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
             key_positions = torch.arange(total, device=device).unsqueeze(0).expand(batch_size, total)
             cached_tokens = torch.full((batch_size,), cached_columns, dtype=torch.long, device=device)
             derived_positions = key_positions[:, cached_columns:]
 
-        packed = False
+        facts = {}  # what the layout needs on the host, read together with the checks
         if position_ids is None:
             positions = derived_positions
         else:
-            positions = _check_position_ids(position_ids, valid, batch_size, seq_len, device, checking)
-            if checking or seq_len > 1:  # packing changes the result: detect it even while compiling (a graph break)
-                packed = _check_continuation(positions, valid, cached_tokens, cached_columns)
-            if cached_columns == 0 and key_valid is None:
+            positions = _check_position_ids(position_ids, valid, batch_size, seq_len, device, checks)
+            if checks.enabled and cached_columns:
+                _check_continuation(positions, valid, cached_tokens, checks)
+            if seq_len > 1:  # packing changes the result: detected even while compiling (a graph break)
+                starts = valid & ~_continues_previous_token(positions, valid)
+                facts["packed"] = (starts.sum(1) > 1).any()
+            if key_valid is None and cached_columns == 0:
                 key_positions = positions
         positions = torch.where(valid, positions, torch.zeros_like(positions))
+        if key_valid is not None and checks.enabled and not cache_has_padding:
+            facts["all_valid"] = key_valid.all()
+        if checks.enabled and position_ids is not None and cached_columns == 0:
+            facts["positions_are_columns"] = (positions == torch.arange(seq_len, device=device)).all()
+        facts = checks.read(facts)
+        packed = facts.get("packed", False)
+        if packed and cached_columns:
+            raise ValueError("Packed sequences (positions restarting inside a row) cannot continue a cache.")
+        if key_valid is None or "all_valid" in facts:
+            has_padding = key_valid is not None and not facts["all_valid"]
+        else:  # known from the cache, or unknown while compiling
+            has_padding = True if cache_has_padding else None
         columns_are_positions = (
-            cached_columns == 0
-            and checking
-            and (key_valid is None or bool(key_valid.all()))
-            and (position_ids is None or bool((positions == torch.arange(seq_len, device=device)).all()))
+            checks.enabled and cached_columns == 0 and has_padding is False and facts.get("positions_are_columns", True)
         )
-        return cls(valid, positions, cached_columns, cached_tokens, key_valid, key_positions, columns_are_positions, packed)
+        return cls(
+            valid, positions, cached_columns, cached_tokens, key_valid, key_positions, columns_are_positions, packed,
+            has_padding,
+        )
 
     # ------------------------------------------------------------------------------------------------ segments
 
@@ -153,8 +198,46 @@ class RatSequenceLayout:
         return allowed.unsqueeze(1)
 
 
-def _padding_mask(attention_mask, batch_size, total, cached_columns, seq_len, device, checking) -> torch.Tensor:
-    """The 2-D padding mask as booleans, after checking its shape and values."""
+class _DeviceChecks:
+    """
+    Conditions on tensor values, read from the device in one go (one synchronisation, however many there are) together
+    with the facts the layout needs on the host. A condition that holds raises its error; conditions are not
+    registered while compiling (compiled code cannot read values), facts are read anyway (a graph break).
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._failures = []  # (0-d bool tensor: the check failed, function returning the error)
+
+    def fail_if(self, failed: torch.Tensor, error):
+        if self.enabled:
+            self._failures.append((failed, error))
+
+    def read(self, facts: dict) -> dict:
+        """Raise the first failed check's error; return `facts` (name: 0-d bool tensor) as Python booleans."""
+        tensors = [failed for failed, _ in self._failures] + list(facts.values())
+        if not tensors:
+            return {}
+        values = torch.stack(tensors).tolist()
+        for failed, (_, error) in zip(values, self._failures):
+            if failed:
+                raise error()
+        return dict(zip(facts, values[len(self._failures):]))
+
+
+def _padding_mask(attention_mask, batch_size, total, cached_columns, seq_len, device, checks) -> torch.Tensor:
+    """
+    The 2-D padding mask as booleans, after checking its type, shape and values: 1 (or True) marks a real token and 0
+    padding, in any dtype. Other values are refused, additive masks (0 to attend, -inf or a large negative number to
+    mask) included: read as booleans they would turn padding into real tokens. An additive mask without padding is
+    all zeros, which cannot be told from a mask where everything is padding: floating-point masks of zeros only are
+    refused too (integer and boolean ones are taken as they read: all padding, as when a left-padded batch is fed in
+    pieces).
+    """
+    if not torch.is_tensor(attention_mask):
+        raise TypeError(
+            f"`attention_mask` must be a tensor (1 for real tokens, 0 for padding), got {type(attention_mask).__name__}."
+        )
     if attention_mask.dim() != 2:
         raise ValueError(
             f"RAT models take a 2-D padding mask (batch, tokens), got shape {tuple(attention_mask.shape)}: pass the "
@@ -165,13 +248,71 @@ def _padding_mask(attention_mask, batch_size, total, cached_columns, seq_len, de
             f"`attention_mask` has shape {tuple(attention_mask.shape)}, expected ({batch_size}, {total}): one column per "
             f"token, the {cached_columns} the cache holds followed by the {seq_len} new ones."
         )
-    return attention_mask.to(device=device, dtype=torch.bool)
+    if attention_mask.is_complex():
+        raise TypeError(f"`attention_mask` must hold 0 and 1, got a {attention_mask.dtype} tensor.")
+    key_valid = attention_mask.to(device=device, dtype=torch.bool)
+    if attention_mask.dtype != torch.bool:
+        mask = attention_mask.to(device)
+        # integers: 0 and 1 have no bit above the lowest; floats: 0 and 1 are the values equal to their boolean
+        not_zero_one = (mask & -2) if not mask.is_floating_point() else (mask != key_valid)
+        checks.fail_if(not_zero_one.any(), lambda: _mask_values_error(mask))
+    if attention_mask.is_floating_point():  # zeros only: all padding, or an additive mask without padding?
+        checks.fail_if(
+            ~key_valid.any(),
+            lambda: ValueError(
+                "`attention_mask` is a floating-point mask of zeros only, which marks every token as padding (1 marks a "
+                "real token, 0 padding). If it is an additive mask (0 = attend), pass torch.ones_like(mask); if every "
+                "token is padding indeed (a left-padded batch fed in pieces), pass it as an integer or boolean mask."
+            ),
+        )
+    return key_valid
 
 
-def _check_position_ids(position_ids, valid, batch_size, seq_len, device, checking) -> torch.Tensor:
-    if not torch.is_tensor(position_ids) or position_ids.is_floating_point() or position_ids.is_complex():
-        kind = position_ids.dtype if torch.is_tensor(position_ids) else type(position_ids).__name__
-        raise TypeError(f"`position_ids` must be an integer tensor (positions are token counts), got {kind}.")
+def _mask_values_error(mask: torch.Tensor) -> ValueError:
+    others = mask[(mask != 0) & (mask != 1)]
+    additive = bool((others < 0).all())
+    return ValueError(
+        f"`attention_mask` must hold 1 for real tokens and 0 for padding, but it holds {others[0].item()}"
+        + (
+            ": this looks like an additive mask (0 to attend, a large negative number or -inf to mask). Convert it with "
+            "`attention_mask = (mask == 0).long()`."
+            if additive
+            else "."
+        )
+    )
+
+
+def _refuse_right_padding(key_valid: torch.Tensor, checks):
+    """
+    A batch fed into a given cache is continued after its last column (generate() samples the next token from the
+    logits there and appends it). A right-padded row cannot be: its next token would follow the padding, generate()
+    would read the logits of a padding column, and a sliding-window cache keeps the last columns, padding included,
+    so real tokens would leave the window too early.
+    """
+    padding_after_token = key_valid[:, :-1] > key_valid[:, 1:]  # a real token, then padding
+
+    def error():
+        row = int(padding_after_token.any(1).nonzero()[0, 0])
+        return ValueError(
+            f"Row {row} of `attention_mask` has padding after its real tokens (right padding), and the batch is fed into "
+            "a given cache, to be continued: its next tokens would follow the padding (generate() would read the "
+            "logits of a padding column). Pad on the left (`tokenizer.padding_side = \"left\"`) for generation and "
+            "caches."
+        )
+
+    checks.fail_if(padding_after_token.any(), error)
+
+
+def require_integer_tensor(name: str, value, meaning: str):
+    """Raise a TypeError unless `value` is a tensor of integers (booleans are not): ids, positions, indices."""
+    if torch.is_tensor(value) and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        return
+    kind = value.dtype if torch.is_tensor(value) else type(value).__name__
+    raise TypeError(f"`{name}` must be an integer tensor ({meaning}), got {kind}.")
+
+
+def _check_position_ids(position_ids, valid, batch_size, seq_len, device, checks) -> torch.Tensor:
+    require_integer_tensor("position_ids", position_ids, "positions are token counts")
     positions = position_ids.to(device=device, dtype=torch.long)
     if positions.dim() == 1:
         positions = positions.unsqueeze(0)
@@ -181,8 +322,13 @@ def _check_position_ids(position_ids, valid, batch_size, seq_len, device, checki
             f"tokens: give one position per new token, shape ({batch_size}, {seq_len})."
         )
     positions = positions.expand(batch_size, seq_len)
-    if checking and bool((valid & (positions < 0)).any()):
-        raise ValueError(f"`position_ids` must be >= 0 (a token's position inside its sequence), got {int(positions.min())}.")
+    negative = valid & (positions < 0)
+    checks.fail_if(
+        negative.any(),
+        lambda: ValueError(
+            f"`position_ids` must be >= 0 (a token's position inside its sequence), got {int(positions[negative].min())}."
+        ),
+    )
     return positions
 
 
@@ -195,32 +341,33 @@ def _continues_previous_token(positions: torch.Tensor, valid: torch.Tensor) -> t
     return (previous >= 0) & (positions == positions.gather(1, previous.clamp(min=0)) + 1)
 
 
-def _check_continuation(positions, valid, cached_tokens, cached_columns) -> bool:
+def _check_continuation(positions, valid, cached_tokens, checks):
     """
-    Whether some row holds several sequences (packing). With a cache, refuse rows whose first new token does not
-    continue it (its position must be the number of real tokens the row holds), and packed rows (a row cannot
-    continue one state and start another).
+    With a cache, the first new real token of every row (one token or several) must be at the position that
+    continues it: the number of real tokens the row holds. (Later new tokens must continue the first: a restart would
+    be packing, refused with a cache.)
     """
-    if positions.shape[1] == 1 and cached_columns == 0:
-        return False
-    first_column = torch.where(valid.any(1), valid.long().argmax(1), 0)
+    has_tokens = valid.any(1)
+    first_column = torch.where(has_tokens, valid.long().argmax(1), 0)
     first_position = positions.gather(1, first_column[:, None])[:, 0]
-    if cached_columns:
-        bad = valid.any(1) & (first_position != cached_tokens)
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"Row {row} continues a cache holding {int(cached_tokens[row])} tokens, so its next position is "
-                f"{int(cached_tokens[row])}, but `position_ids` give {int(first_position[row])}. Omit `position_ids` "
-                "(they are derived from the attention mask) or make them continue the cache."
+    bad = has_tokens & (first_position != cached_tokens)
+
+    def error():
+        row = int(bad.nonzero()[0, 0])
+        expected, given = int(cached_tokens[row]), int(first_position[row])
+        if expected == 0:  # generate() numbers the first new token of an all-padding prompt 1
+            return ValueError(
+                f"Row {row} has no real token before this one (its `attention_mask` is all zeros there: an empty "
+                f"prompt?), so its next position is 0, but `position_ids` give {given}. Give every prompt at least one "
+                "token (e.g. the BOS token)."
             )
-    if positions.shape[1] == 1:
-        return False
-    starts = valid & ~_continues_previous_token(positions, valid)
-    packed = bool((starts.sum(1) > 1).any())
-    if packed and cached_columns:
-        raise ValueError("Packed sequences (positions restarting inside a row) cannot continue a cache.")
-    return packed
+        return ValueError(
+            f"Row {row} continues a cache holding {expected} tokens, so its next position is {expected}, but "
+            f"`position_ids` give {given}. Omit `position_ids` (they are derived from the attention mask) or make them "
+            "continue the cache."
+        )
+
+    checks.fail_if(bad.any(), error)
 
 
 class ChunkGrid:
@@ -265,7 +412,8 @@ class ChunkGrid:
             self.chunk_size = chunk_size
             # A sequence that may start inside a chunk spans one chunk more than its length alone needs.
             may_start_inside_chunk = not layout.columns_are_positions
-            self.num_chunks = max(1, -(-(longest + (chunk_size - 1 if may_start_inside_chunk else 0)) // chunk_size))
+            fewest_chunks = TRACED_MIN_CHUNKS if torch.compiler.is_compiling() else 1
+            self.num_chunks = max(fewest_chunks, -(-(longest + (chunk_size - 1 if may_start_inside_chunk else 0)) // chunk_size))
             self.first_chunk = torch.div(first_position, chunk_size, rounding_mode="floor")
             offset = self.first_chunk * chunk_size
         self.slots = self.num_chunks * self.chunk_size

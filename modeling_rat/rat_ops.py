@@ -207,21 +207,15 @@ class GatedChunkScan(torch.autograd.Function):
         return grad_gates, grad_value, grad_key, grad_initial if ctx.needs_input_grad[3] else None
 
 
-def gated_chunk_scan(gates, value, key, initial_state=None, scan=None):
+def gated_chunk_scan(gates, value, key, initial_state=None):
     """
     States of the RAT recurrence on a grid of chunks: gates (N, C, L, D) the forget gate f; value (N, C, L, D);
     key (N, C, L, G*d), tiled over the heads; returns (N, C, L, 2, D) fp32, [value, key] running sums.
-    `scan`: another `chunk_scan` implementation (e.g. the Triton kernel), fed the gated inputs.
     """
     dtype = torch.promote_types(value.dtype, torch.float32)
     gates, value, key = gates.to(dtype).contiguous(), value.to(dtype).contiguous(), key.to(dtype).contiguous()
     if initial_state is not None:
         initial_state = initial_state.to(dtype).contiguous()
-    if scan is not None:
-        copies = value.shape[-1] // key.shape[-1]
-        input_gate = 1 - gates
-        inputs = torch.stack([input_gate * value, (input_gate.unflatten(-1, (copies, -1)) * key.unsqueeze(-2)).flatten(-2)], dim=-2)
-        return scan(gates, inputs, initial_state)
     return GatedChunkScan.apply(gates, value, key, initial_state)
 
 
@@ -236,14 +230,16 @@ def chunk_scan(gates: torch.Tensor, inputs: torch.Tensor, initial_state: torch.T
 
 
 def linear_recurrence(
-    gates: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None = None, block_size: int = 64
+    gates: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None = None, block_size: int = 64, scan=None
 ) -> torch.Tensor:
     """
     `h_t = gates_t * h_{t-1} + inputs_t` along whole rows (dim 1), from `initial_state` (or zero).
     gates: (N, T, F); inputs: (N, T, S, F); initial_state: (N, S, F). Two levels of `chunk_scan`: inside blocks of
     `block_size` tokens from zero, then the carries between blocks, then each block's share of its carry (the
     product of its gates so far, itself a scan), so the Python loops run O(T / block + block) steps, not T.
+    `scan`: the chunk scan to use (`chunk_scan` by default; the Triton backend passes its kernel).
     """
+    scan = scan or chunk_scan
     num_rows, seq_len = gates.shape[:2]
     padded_len = -(-seq_len // block_size) * block_size
     if padded_len != seq_len:  # padding: gate 1, input 0 leaves the state unchanged
@@ -253,11 +249,11 @@ def linear_recurrence(
     feature_shape = inputs.shape[2:]
     block_gates = gates.reshape(num_rows, num_blocks, block_size, -1)
     block_inputs = inputs.reshape(num_rows, num_blocks, block_size, *feature_shape)
-    local = chunk_scan(block_gates, block_inputs)  # each block from zero
+    local = scan(block_gates, block_inputs)  # each block from zero
     # Product of the gates since the block start (how much of the incoming state survives).
-    decay = _cumulative_gate_product(block_gates)
+    decay = _cumulative_gate_product(block_gates, scan)
     # Carries: state at the end of block j = decay_end_j * state_end_{j-1} + local_end_j.
-    carries = chunk_scan(
+    carries = scan(
         decay[:, :, -1].unsqueeze(1), local[:, :, -1].unsqueeze(1), initial_state
     ).squeeze(1)  # (N, num_blocks, S, F): state at the end of every block
     incoming = torch.cat(
@@ -271,7 +267,7 @@ def linear_recurrence(
     return states.reshape(num_rows, padded_len, *feature_shape)[:, :seq_len]
 
 
-def _cumulative_gate_product(block_gates: torch.Tensor) -> torch.Tensor:
+def _cumulative_gate_product(block_gates: torch.Tensor, scan) -> torch.Tensor:
     """Running product of the gates inside each block (N, C, L, F), as a chunk scan from state 1 with input 0."""
     ones = torch.ones_like(block_gates[:, :, 0]).unsqueeze(-2)  # (N, C, 1, F)
     zeros = torch.zeros_like(block_gates).unsqueeze(-2)
@@ -280,7 +276,7 @@ def _cumulative_gate_product(block_gates: torch.Tensor) -> torch.Tensor:
     flat_gates = block_gates.reshape(num_rows * num_blocks, 1, *block_gates.shape[2:])
     flat_zeros = zeros.reshape(num_rows * num_blocks, 1, *zeros.shape[2:])
     flat_ones = ones.reshape(num_rows * num_blocks, *ones.shape[2:])
-    product = chunk_scan(flat_gates, flat_zeros, flat_ones)
+    product = scan(flat_gates, flat_zeros, flat_ones)
     return product.reshape(num_rows, num_blocks, *block_gates.shape[2:])
 
 
@@ -341,6 +337,52 @@ def chunk_attention_mask(num_cached_chunks: torch.Tensor, num_cached: int, num_c
     return torch.cat([own, cached.expand(-1, num_chunks, -1), new[None].expand(rows, -1, -1)], dim=-1).unsqueeze(1)
 
 
+def holds_nonfinite(*tensors: torch.Tensor, dim) -> torch.Tensor:
+    """
+    Which slices of `tensors` hold a NaN or inf: those whose float32 sum over `dim` is not finite (a sum of finite
+    values overflows only for elements near 1e36, where attention scores overflow anyway). Many times faster than
+    `isfinite(x).all(dim)` on CPUs.
+    """
+    return ~torch.isfinite(sum(tensor.sum(dim=dim, dtype=torch.float32) for tensor in tensors))
+
+
+def nan_where(condition: torch.Tensor) -> torch.Tensor:
+    """0 where `condition` is False, NaN where True: added to a tensor, it sets those entries to NaN (x + 0 == x)."""
+    return torch.where(condition, float("nan"), 0.0)
+
+
+def contain_summary_faults(own_value, key_summaries, value_summaries, num_cached_chunks):
+    """
+    Keep a non-finite summary (a NaN or inf in some token) away from the queries that may not see it, whatever kernel
+    is given these inputs. Attention kernels multiply the summaries a query may not see by zero weights, and 0 * NaN is
+    NaN: the fault would reach earlier tokens. Summaries holding a NaN or inf are replaced by zeros, and every query
+    that may see one gets a NaN own value, so that its output is NaN, as the single softmax of the SPEC makes it
+    (kernels add the own value with its weight, and w * NaN is NaN for any w; a NaN score would not do: fused kernels
+    may turn a row of NaN scores into zeros). Shapes as in `chunk_attention`; returns the three tensors to give the
+    kernel instead.
+
+    Cost: a sum and a select over the summaries (1/L of the tokens), one addition over the own values; no
+    synchronisation.
+    """
+    num_chunks = own_value.shape[3]
+    num_cached = key_summaries.shape[2] - (num_chunks - 1)
+    faulty = holds_nonfinite(key_summaries, value_summaries, dim=-1)  # (N, H, P + C - 1)
+    key_summaries = key_summaries.masked_fill(faulty[..., None], 0.0)
+    value_summaries = value_summaries.masked_fill(faulty[..., None], 0.0)
+    # Query chunk i sees the new summaries k < i, and the cached slots below its row's count.
+    # (Through the first faulty new summary rather than a cumulative sum, which torch.export cannot trace for
+    # dynamic lengths.)
+    chunks = torch.arange(num_chunks, device=faulty.device)
+    new_faulty = torch.cat([faulty[..., num_cached:], faulty.new_zeros(*faulty.shape[:2], 1)], dim=-1)  # (N, H, C)
+    first_fault = torch.where(new_faulty, chunks, num_chunks).amin(-1, keepdim=True)  # (N, H, 1)
+    sees_fault = chunks > first_fault  # (N, H, C)
+    if num_cached_chunks is not None:
+        cached_visible = torch.arange(num_cached, device=faulty.device)[None, :] < num_cached_chunks[:, None]
+        sees_fault = sees_fault | (faulty[..., :num_cached] & cached_visible[:, None, :]).any(-1, keepdim=True)
+    own_value = own_value + nan_where(sees_fault)[:, None, :, :, None].to(own_value.dtype)  # (N, L, H, C, d)
+    return own_value, key_summaries, value_summaries
+
+
 def chunk_attention(
     query: torch.Tensor,
     own_score: torch.Tensor,
@@ -358,7 +400,8 @@ def chunk_attention(
     slot `[0, 1]` (its score is then exactly `s_own`), and values get `[V, 0]` with the own slot `[0, 1]`, so the
     extra output coordinate is the own term's softmax weight `p_own` and `out = o[:d] + p_own * v_own` is exactly
     the single softmax over `{K_0..K_{c-1}} U {k_own}` of the SPEC. Zero coordinates pad the head size to a
-    multiple of 8. The fused SDPA kernels then do the blocked online softmax (forward and backward).
+    multiple of 8. The fused SDPA kernels then do the blocked online softmax (forward and backward). A NaN or inf
+    summary reaches only the queries that may see it (`contain_summary_faults`).
 
     Shapes (N independent rows, L tokens per chunk, H heads, C query chunks, d head size):
         query: (N, L, H, C, d), rotated by each token's chunk index.
@@ -372,6 +415,9 @@ def chunk_attention(
     num_rows, chunk_size, num_heads, num_chunks, head_dim = query.shape
     width = padded_head_dim(head_dim, query.device)
     dtype = query.dtype
+    own_value, key_summaries, value_summaries = contain_summary_faults(
+        own_value, key_summaries, value_summaries, num_cached_chunks
+    )
     # The L tokens of a chunk see the same keys: they become L query heads sharing one key/value head
     # (grouped-query attention), query head h * L + l for token l of head h.
     query_aug = torch.cat(
@@ -414,6 +460,10 @@ def decode_attention(
     `chunk_attention` for one new token per row (decoding), reading the cached summaries in place (no augmented
     copies): query (B, H, d) rotated, own_score (B, H) fp32, own_value (B, H, d), key/value summaries (B, H, P, d)
     of which the first num_cached_chunks[b] are valid. Returns (B, H, d).
+
+    The other slots are removed from the scores by a select; their values get weight zero and are zeros (the cache
+    keeps every slot beyond a row's count at zero, see `RatChunkCacheLayer.crop`), so that no NaN of a discarded
+    token can reach the output through 0 * NaN, and no select over the whole cache is needed on every step.
     """
     scores = torch.matmul(query.unsqueeze(2), key_summaries.transpose(-1, -2)).squeeze(2).float()  # (B, H, P)
     slots = torch.arange(key_summaries.shape[2], device=query.device)
@@ -487,6 +537,14 @@ def _rotated(x, cos, sin):
     out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
     out[..., half:].addcmul_(x[..., :half], sin[..., half:])
     return out
+
+
+def _zero_faulty_slots(key_slots, value_slots, slots: slice) -> torch.Tensor:
+    """Zeroes the key and value slots `slots` (N, H, slots, d + 2) that hold a NaN or inf; returns which (N, H, slots)."""
+    faulty = holds_nonfinite(key_slots[:, :, slots], value_slots[:, :, slots], dim=-1)
+    key_slots[:, :, slots].masked_fill_(faulty[..., None], 0.0)
+    value_slots[:, :, slots].masked_fill_(faulty[..., None], 0.0)
+    return faulty
 
 
 _flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -567,9 +625,15 @@ class ChunkMixing(torch.autograd.Function):
         key_slots = value.new_zeros(num_rows, heads, num_cached + num_chunks, head_dim + 2)
         key_slots[:, :, 0, head_dim] = 1
         value_slots = key_slots.clone()
+        # Fault containment as in `contain_summary_faults`: slots holding a NaN or inf are zeroed for the kernel, and
+        # the output of every query chunk that may see one is set to NaN. `seen_fault` (N, H): one was seen so far.
+        seen_fault = gates.new_zeros(num_rows, heads, dtype=torch.bool)
         if num_cached:
             key_slots[:, :, 1 : 1 + num_cached, :head_dim] = cached_keys
             value_slots[:, :, 1 : 1 + num_cached, :head_dim] = cached_values
+            faulty = _zero_faulty_slots(key_slots, value_slots, slice(1, 1 + num_cached))  # (N, H, P)
+            valid = torch.arange(num_cached, device=gates.device) < num_cached_chunks[:, None]  # (N, P)
+            seen_fault = (faulty & valid[:, None]).any(-1)
         key_summaries = value.new_empty(num_rows, num_chunks, heads, head_dim)
         value_summaries = torch.empty_like(key_summaries)
         mixed = value.new_empty(num_rows, num_chunks, chunk_size, hidden_size)
@@ -585,10 +649,14 @@ class ChunkMixing(torch.autograd.Function):
             key_summaries[:, start:end] = _rotated(block.running_key[:, :, -1], block.cos[:, :, 0], block.sin[:, :, 0])
             value_summaries[:, start:end] = block.running_value[:, :, -1]
             keys_end = min(end, num_chunks - 1)  # the last chunk's summary is nobody's key
+            faulty = seen_fault.new_zeros(num_rows, heads, end - start)  # (N, H, Cb): the chunk's summary is faulty
             if keys_end > start:
                 slots = slice(1 + num_cached + start, 1 + num_cached + keys_end)
                 key_slots[:, :, slots, :head_dim] = key_summaries[:, start:keys_end].transpose(1, 2)
                 value_slots[:, :, slots, :head_dim] = value_summaries[:, start:keys_end].transpose(1, 2)
+                faulty[..., : keys_end - start] = _zero_faulty_slots(key_slots, value_slots, slots)
+            sees_fault = seen_fault[..., None] | (faulty.cumsum(-1) > faulty)  # chunk c sees the summaries of chunks < c
+            seen_fault = sees_fault[..., -1] | faulty[..., -1]
             out, lse = _flash_attention(
                 _as_heads(block.augmented_query(slice(0, block.copies), value.dtype)), key_slots[:, :, : block.num_slots],
                 value_slots[:, :, : block.num_slots], 0.0, block.mask is None, attn_mask=block.mask, scale=scale,
@@ -599,6 +667,8 @@ class ChunkMixing(torch.autograd.Function):
             mixed_block = mixed[:, start:end].unflatten(-1, (heads, head_dim))  # (N, Cb, L, H, d)
             mixed_block.copy_(_from_heads(out, heads)[..., :head_dim].transpose(2, 3))
             mixed_block.addcmul_(own_weight.transpose(2, 3).unsqueeze(-1), block.running_value)
+            if sees_fault.any():  # (CPU tensors: no synchronisation to avoid)
+                mixed_block.add_(nan_where(sees_fault.transpose(1, 2))[:, :, None, :, None].to(mixed.dtype))
             del block, out, lse, own_weight, mixed_block
         ctx.save_for_backward(gates, value, key, query, cos, sin, initial_state, num_cached_chunks, log_normalizer, key_slots, value_slots)
         ctx.scale, ctx.num_cached = scale, num_cached
@@ -827,3 +897,38 @@ def sliding_window_attention(query, key, value, window: int, block_size: int | N
             )
         )
     return torch.cat(outputs, dim=2)
+
+
+def attention_containing_faults(query, key, value, attn_mask=None, sliding_window=None, query_valid=None):
+    """
+    Softmax attention of queries (B, H, T, d) over keys and values (B, H, K, d) in which a non-finite key or value (a
+    NaN or inf in some token) reaches only the queries that may see it. SDPA multiplies what a query may not see by zero
+    weights, and 0 * NaN is NaN: the fault would reach earlier tokens. Columns holding a NaN or inf are replaced by
+    zeros for the call, and the output of every query that may see one is set to NaN after it, as plain attention
+    gives it (fused kernels may turn a row of NaN scores into zeros instead).
+
+    attn_mask: (B, 1, T, K) bool, which keys each query sees; None: causal attention over T = K tokens, within the last
+    `sliding_window` tokens when given (then computed block by block, `sliding_window_attention`). query_valid (B, T):
+    padding queries are never set to NaN (they may see anything, and would carry the fault into the padding of later
+    layers and of the cache).
+
+    Cost: a sum, a select and their backward over the keys and values, one addition over the output; no
+    synchronisation.
+    """
+    faulty = holds_nonfinite(key, value, dim=(1, 3))  # (B, K): in any head
+    key = key.masked_fill(faulty[:, None, :, None], 0.0)
+    value = value.masked_fill(faulty[:, None, :, None], 0.0)
+    if attn_mask is not None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+        sees_fault = (attn_mask[:, 0] & faulty[:, None, :]).any(-1)  # (B, T)
+    else:
+        faults_so_far = faulty.long().cumsum(-1)
+        if sliding_window is None:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+            sees_fault = faults_so_far > 0
+        else:
+            out = sliding_window_attention(query, key, value, sliding_window)
+            sees_fault = faults_so_far - F.pad(faults_so_far, (sliding_window, 0))[:, : faults_so_far.shape[1]] > 0
+    if query_valid is not None:
+        sees_fault = sees_fault & query_valid
+    return out + nan_where(sees_fault)[:, None, :, None].to(out.dtype)

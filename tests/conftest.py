@@ -44,7 +44,7 @@ def tiny_config(layer_types=("rat", "rat"), **overrides) -> RatConfig:
         layer_types=list(layer_types),
         sliding_window=6,
         initializer_range=0.3,  # larger than the 0.02 default so that attention is peaked and mistakes show
-        max_position_embeddings=64,
+        rnn_forget_gate_init_length=64,
         pad_token_id=0,
     )
     arguments.update(overrides)

@@ -7,20 +7,24 @@ does what it says. No figure is asserted to be fast or slow: timings are not tes
 import dataclasses
 import json
 import math
+import re
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import cache, common, decode, mixer, model
+from benchmarks import cache, common, decode, mixer, model, sweep
 from benchmarks import run as suite
 from modeling_rat import RatConfig, RatForCausalLM
-from modeling_rat.modeling_rat import RatMixer
 
 
-IN_PROCESS = common.RunOptions(device="cpu", dtype="float32", threads=1, isolate=False)
+ROOT = Path(__file__).resolve().parents[1]
+IN_PROCESS = common.RunOptions(device="cpu", dtype="float32", threads=1, isolate=False, max_run_time=0.05)
 ISOLATED = dataclasses.replace(IN_PROCESS, isolate=True, case_timeout_s=300)
 SMOKE = suite.settings_for("smoke", "cpu")
 
@@ -65,15 +69,17 @@ def perturbed(function, factor=1.01):
     return wrong
 
 
-class Recorder:
-    """Stands in for `run_case`: records what would have been timed."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, function, spec, options):
-        self.calls.append(spec)
+def refuse_to_time(monkeypatch, *modules):
+    """Make the benchmarks' `run_cases` fail the test: nothing may be timed after a failed correctness check."""
+    def run_cases(*args, **kwargs):
         raise AssertionError("a benchmark timed something after a failed correctness check")
+
+    for module in modules:
+        monkeypatch.setattr(module, "run_cases", run_cases)
+
+
+def rat_mixer_class():
+    return type(mixer.build_mixer(SMOKE["mixer"], "rat", IN_PROCESS).layers[0].mixer)
 
 
 # ================================================================================================ each benchmark
@@ -91,18 +97,34 @@ def test_mixer_benchmark_writes_json_png_and_markdown(tmp_path):
     assert len(data["cases"]) == len(settings.lengths) * len(settings.modes) * len(mixer.MIXERS)
     for case in data["cases"]:
         assert_timed(case)
-        assert case["tokens"] == case["batch"] * case["seq_len"] == settings.tokens_per_batch
+        assert case["batch"] * case["seq_len"] == settings.tokens_per_batch
     for mode in settings.modes:
-        rows = data["summary"][mode]["ratios"]
+        rows = data["summary"][mode]["rat"]["ratios"]
         assert [row["seq_len"] for row in rows] == list(settings.lengths)
         for row in rows:
-            attention = mixer.find_case(data["cases"], mixer="attention", mode=mode, seq_len=row["seq_len"])
-            rat = mixer.find_case(data["cases"], mixer="rat", mode=mode, seq_len=row["seq_len"])
+            attention = common.find_case(data["cases"], mixer="attention", mode=mode, seq_len=row["seq_len"])
+            rat = common.find_case(data["cases"], mixer="rat", mode=mode, seq_len=row["seq_len"])
             assert row["time_ratio"] == pytest.approx(attention["median_s"] / rat["median_s"])
-        assert data["summary"][mode]["break_even"]["status"] in ("crossed", "below_range", "not_reached", "not_sustained")
+            assert row["memory_ratio"] == common.ratio(attention, rat, "peak_memory_bytes")
+        assert data["summary"][mode]["rat"]["break_even"]["status"] in (
+            "crossed", "below_range", "not_reached", "not_sustained")
     assert_png(tmp_path / "mixer.png")
     text = mixer.markdown(result)
     assert "forward + backward" in text and text.count("\n| 16 |") == len(settings.modes)
+    assert "| rat memory | attention memory | memory ratio rat |" in text
+
+
+def test_mixer_call_runs_the_mixer_as_the_model_does():
+    """The mixer alone, on the arguments taken from the model, computes what it computes inside the model."""
+    built = mixer.build_mixer(SMOKE["mixer"], "rat", IN_PROCESS)
+    seen = {}
+    handle = built.layers[0].mixer.register_forward_hook(
+        lambda module, args, output: seen.update(hidden_states=args[0], output=output))
+    with torch.no_grad():
+        built(inputs_embeds=torch.randn(2, 11, SMOKE["mixer"].hidden_size), use_cache=False)
+        handle.remove()
+        alone = mixer.mixer_call(built, 2, 11)(seen["hidden_states"])
+    torch.testing.assert_close(alone, seen["output"], rtol=0, atol=0)
 
 
 def test_model_benchmark_writes_json_png_and_markdown(tmp_path):
@@ -114,13 +136,15 @@ def test_model_benchmark_writes_json_png_and_markdown(tmp_path):
     assert len(data["cases"]) == len(settings.lengths) * len(settings.modes) * len(settings.models)
     for case in data["cases"]:
         assert_timed(case)
-        assert case["tokens_per_s"] == pytest.approx(case["tokens"] / case["median_s"])
+        assert case["tokens_per_s"] == pytest.approx(case["batch"] * case["seq_len"] / case["median_s"])
     # equal width, depth and MLP width: Llama's SwiGLU MLP has one matrix more per layer (D x 4D)
-    hidden, layers = settings.hidden_size, settings.num_layers
-    built = {name: model.build_model(settings, name, "cpu", torch.float32) for name in settings.models}
+    architecture = settings.architecture
+    hidden, layers = architecture.hidden_size, architecture.num_layers
+    built = {name: settings.build(name, IN_PROCESS) for name in settings.models}
     for name in settings.models:
         assert data["parameters"][name]["parameters"] == built[name].num_parameters()
-    rat_mixer_params = 4 * hidden * hidden + 2 * hidden * (hidden // settings.num_heads * settings.num_qk_groups) + hidden
+    group_width = hidden // architecture.num_heads * architecture.num_qk_groups
+    rat_mixer_params = 4 * hidden * hidden + 2 * hidden * group_width + hidden
     llama_layer = 4 * hidden * hidden + 3 * 4 * hidden * hidden
     rat_layer = rat_mixer_params + 2 * 4 * hidden * hidden
     non_embedding = {name: data["parameters"][name]["non_embedding_parameters"] for name in settings.models}
@@ -142,19 +166,29 @@ def test_decode_benchmark_writes_json_png_and_markdown(tmp_path):
     grid = (settings.contexts, settings.batches, settings.caches, settings.models)
     assert len(data["cases"]) == math.prod(len(values) for values in grid)
     for case in data["cases"]:
-        assert_timed(case, "decode_median_s", "decode_times_s")
+        assert_timed(case, "generate_median_s", "generate_times_s")
+        assert_timed(case, "prefill_median_s", "prefill_times_s")
+        assert case["decode_s"] == pytest.approx(case["generate_median_s"] - case["prefill_median_s"])
         decoded = case["batch"] * (settings.new_tokens - 1)
-        assert case["decode_tokens_per_s"] == pytest.approx(decoded / case["decode_median_s"])
-        assert case["prefill_median_s"] > 0
+        assert case["decode_tokens_per_s"] == pytest.approx(decoded / case["decode_s"])
         if case["model"] == "llama" and case["cache"] == "dynamic":
             # keys and values of every token fed to the model (the last generated token is never fed)
             tokens = case["context"] + settings.new_tokens - 1
-            assert case["cache_bytes"] == 2 * settings.num_layers * case["batch"] * tokens * settings.hidden_size * 4
+            width, layers = settings.architecture.hidden_size, settings.architecture.num_layers
+            assert case["cache_bytes"] == 2 * layers * case["batch"] * tokens * width * 4
     for row in data["summary"]["ratios"]:
         assert row["speed_up"] is not None and row["cache_ratio"] > 1  # a RAT cache is smaller than Llama's
     assert_png(tmp_path / "decode.png")
     text = decode.markdown(result)
     assert "**dynamic cache**" in text and "**static cache**" in text
+
+
+def test_decode_rate_is_refused_when_decoding_takes_no_measurable_time(monkeypatch):
+    """generate() of many tokens timed no slower than of one: no rate is made up, the case says why."""
+    monkeypatch.setattr(decode, "time_call", lambda function, options: {"median_s": 0.5, "times_s": [0.5]})
+    settings = dataclasses.replace(SMOKE["decode"], contexts=(8,), batches=(1,), models=("rat",), caches=("dynamic",))
+    (case,) = decode.run(settings, IN_PROCESS)["cases"]
+    assert case["status"] == "failed" and "decode more tokens" in case["error"]
 
 
 def test_cache_benchmark_matches_the_formula(tmp_path):
@@ -166,7 +200,8 @@ def test_cache_benchmark_matches_the_formula(tmp_path):
     assert [entry["model"] for entry in data["models"]] == list(cache.PAPER_MODELS)
     hidden = data["measured_size"]["hidden_size"]
     layers = data["measured_size"]["num_hidden_layers"]
-    by_model = {entry["model"]: {point["context"]: point["bytes"] for point in entry["points"]} for entry in data["models"]}
+    by_model = {entry["model"]: {point["context"]: point["bytes"] for point in entry["points"]}
+                for entry in data["models"]}
     for context in settings.contexts:
         assert by_model["attention"][context] == layers * 2 * context * hidden * 4
         assert by_model["rnn"][context] == layers * hidden * 4
@@ -180,59 +215,55 @@ def test_cache_formula_by_hand():
     # rat: 2 * floor(100/16) * 64 * 2 bytes + 2 * 64 * 4; full: 2 * 100 * 64 * 2; sliding: 2 * 32 * 64 * 2; rnn: 64 * 4
     expected = (2 * 6 * 64 * 2 + 2 * 64 * 4) + 2 * 100 * 64 * 2 + 2 * 32 * 64 * 2 + 64 * 4
     assert cache.formula_bytes(config, 100, element_size=2) == expected
-    assert cache.formula_bytes(config, 10, element_size=4) == (0 + 2 * 64 * 4) + 2 * 10 * 64 * 4 + 2 * 10 * 64 * 4 + 64 * 4
+    expected = (0 + 2 * 64 * 4) + 2 * 10 * 64 * 4 + 2 * 10 * 64 * 4 + 64 * 4
+    assert cache.formula_bytes(config, 10, element_size=4) == expected
 
 
 # ============================================================================================= refusing to time
 
 
 def test_mixer_benchmark_refuses_a_wrong_rat_mixer(monkeypatch):
-    original = RatMixer.forward
+    mixer_class = rat_mixer_class()
+    original = mixer_class.forward
 
     def wrong_fast_path(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         return out if self.config.rat_implementation == "reference" else out * 1.01
 
-    monkeypatch.setattr(RatMixer, "forward", wrong_fast_path)
-    recorder = Recorder()
-    monkeypatch.setattr(mixer, "run_case", recorder)
+    monkeypatch.setattr(mixer_class, "forward", wrong_fast_path)
+    refuse_to_time(monkeypatch, mixer)
     with pytest.raises(common.CorrectnessError, match="refusing to time it") as error:
         mixer.run(SMOKE["mixer"], IN_PROCESS)
     assert "RAT mixer" in str(error.value) and "SDPA attention" not in str(error.value)
-    assert recorder.calls == []
 
 
 def test_mixer_benchmark_refuses_a_wrong_attention(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", perturbed(F.scaled_dot_product_attention))
-    recorder = Recorder()
-    monkeypatch.setattr(mixer, "run_case", recorder)
+    refuse_to_time(monkeypatch, mixer)
     with pytest.raises(common.CorrectnessError) as error:
         mixer.run(SMOKE["mixer"], IN_PROCESS)
     assert "SDPA attention mixer" in str(error.value)
-    assert recorder.calls == []
 
 
 def test_model_benchmark_refuses_wrong_models(monkeypatch):
-    original = RatMixer.forward
+    mixer_class = rat_mixer_class()
+    original = mixer_class.forward
 
     def wrong_fast_path(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         return out if self.config.rat_implementation == "reference" else out + 0.01
 
-    monkeypatch.setattr(RatMixer, "forward", wrong_fast_path)
-    recorder = Recorder()
-    monkeypatch.setattr(model, "run_case", recorder)
+    monkeypatch.setattr(mixer_class, "forward", wrong_fast_path)
+    refuse_to_time(monkeypatch, model)
     with pytest.raises(common.CorrectnessError) as error:
         model.run(SMOKE["model"], IN_PROCESS)
     message = str(error.value)
     assert "rat auto" in message and "rat-swa auto" in message and "llama" not in message
-    assert recorder.calls == []
 
-    monkeypatch.setattr(RatMixer, "forward", original)
+    monkeypatch.setattr(mixer_class, "forward", original)
     monkeypatch.setattr(F, "scaled_dot_product_attention", perturbed(F.scaled_dot_product_attention))
     with pytest.raises(common.CorrectnessError, match="llama sdpa"):
         model.run(dataclasses.replace(SMOKE["model"], models=("llama",)), IN_PROCESS)
-    assert recorder.calls == []
 
 
 def _perturb_decoding(monkeypatch, only_static: bool):
@@ -252,11 +283,9 @@ def _perturb_decoding(monkeypatch, only_static: bool):
 
 def test_decode_benchmark_refuses_wrong_decoding(monkeypatch):
     _perturb_decoding(monkeypatch, only_static=False)
-    recorder = Recorder()
-    monkeypatch.setattr(decode, "run_case", recorder)
+    refuse_to_time(monkeypatch, decode)
     with pytest.raises(common.CorrectnessError, match="rat generate\\(\\) with the dynamic cache"):
         decode.run(SMOKE["decode"], IN_PROCESS)
-    assert recorder.calls == []
 
 
 def test_decode_benchmark_reports_a_wrong_static_cache_and_goes_on(monkeypatch, tmp_path):
@@ -270,7 +299,8 @@ def test_decode_benchmark_reports_a_wrong_static_cache_and_goes_on(monkeypatch, 
     assert "correctness check failed" in refused["error"]
     text = decode.markdown(result)
     assert "Not timed (correctness check failed)" in text and "| refused |" in text
-    assert load_json(tmp_path / "decode.json")["cases"][2]["status"] == "refused"
+    saved = load_json(tmp_path / "decode.json")["cases"]
+    assert common.find_case(saved, model="rat", cache="static")["status"] == "refused"
 
 
 def test_decode_benchmark_reports_a_static_cache_that_raises(monkeypatch):
@@ -305,36 +335,53 @@ def test_cache_benchmark_refuses_wrong_decoding_and_reports_formula_mismatches(m
 
 
 def test_break_even():
-    crossed = mixer.break_even([1024, 2048, 4096], [0.5, 0.8, 2.0])
+    crossed = sweep.break_even([1024, 2048, 4096], [0.5, 0.8, 2.0])
     assert crossed["status"] == "crossed" and crossed["between"] == [2048, 4096]
     # log-log interpolation: ratio 0.8 -> 2.0 over one doubling crosses 1 at 2048 * 2 ** (log(1.25) / log(2.5))
     assert crossed["length"] == round(2048 * 2 ** (math.log(1.25) / math.log(2.5)))
-    assert mixer.break_even([1, 2], [1.5, 3.0])["status"] == "below_range"
-    assert mixer.break_even([1, 2], [0.5, 0.9])["status"] == "not_reached"
-    assert mixer.break_even([1, 2, 4], [1.1, 1.5, 0.7])["status"] == "not_sustained"
-    assert mixer.break_even([1, 2], [None, None])["status"] == "unknown"
+    assert sweep.break_even([1, 2], [1.5, 3.0])["status"] == "below_range"
+    assert sweep.break_even([1, 2], [0.5, 0.9])["status"] == "not_reached"
+    assert sweep.break_even([1, 2, 4], [1.1, 1.5, 0.7])["status"] == "not_sustained"
+    assert sweep.break_even([1, 2], [None, None])["status"] == "unknown"
     # a crossing followed by a dip below 1 again: the break-even is where RAT stays faster
-    assert mixer.break_even([1, 2, 4, 8], [0.5, 1.2, 0.9, 1.5])["between"] == [4, 8]
+    assert sweep.break_even([1, 2, 4, 8], [0.5, 1.2, 0.9, 1.5])["between"] == [4, 8]
 
 
-def test_time_call_warms_up_then_times_until_the_budget():
-    calls = []
-    timing = common.time_call(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=5, max_seconds=1e9)
-    assert len(calls) == 7 and len(timing["times_s"]) == 5 and timing["warmup_runs"] == 2
-    calls.clear()
-    timing = common.time_call(lambda: calls.append(1), torch.device("cpu"), warmup=0, repeats=5, max_seconds=0)
-    assert len(timing["times_s"]) == 3  # the budget is spent, but at least three runs are timed
-    with pytest.raises(ValueError, match="repeats"):
-        common.time_call(lambda: None, torch.device("cpu"), warmup=0, repeats=0, max_seconds=1)
+def test_time_call_uses_the_runs_thread_count_and_reports_every_block():
+    threads_seen = []
+
+    def function():
+        threads_seen.append(torch.get_num_threads())
+        time.sleep(0.002)
+
+    threads = torch.get_num_threads()
+    timing = common.time_call(function, dataclasses.replace(IN_PROCESS, threads=2, max_run_time=0.05))
+    assert torch.get_num_threads() == threads  # restored afterwards
+    assert set(threads_seen) == {2}
+    assert timing["median_s"] >= 0.002 and min(timing["times_s"]) <= timing["median_s"] <= max(timing["times_s"])
+    # warm-up calls come on top of the timed blocks
+    assert len(threads_seen) > timing["calls_per_block"] * len(timing["times_s"])
+
+
+def failing_case(case, settings, options):
+    raise ValueError("bad case")
+
+
+def killed_case(case, settings, options):
+    signal.raise_signal(signal.SIGKILL)
+
+
+def sleeping_case(case, settings, options):
+    time.sleep(60)
 
 
 @pytest.mark.slow  # starts the process server (imports torch and transformers once)
 def test_isolated_runs_report_failures_crashes_and_timeouts():
-    failed = common.run_case(math.sqrt, -1.0, ISOLATED)
-    assert failed["status"] == "failed" and "ValueError" in failed["error"] and failed["isolated"]
-    crashed = common.run_case(signal.raise_signal, signal.SIGKILL, ISOLATED)
+    failed = common.run_case(failing_case, {}, None, ISOLATED)
+    assert failed["status"] == "failed" and "ValueError: bad case" in failed["error"] and failed["isolated"]
+    crashed = common.run_case(killed_case, {}, None, ISOLATED)
     assert crashed["status"] == "crashed" and "signal 9" in crashed["error"]
-    timed_out = common.run_case(time.sleep, 60, dataclasses.replace(ISOLATED, case_timeout_s=1))
+    timed_out = common.run_case(sleeping_case, {}, None, dataclasses.replace(ISOLATED, case_timeout_s=1))
     assert timed_out["status"] == "timeout"
     out_of_memory = common.failure_record(torch.OutOfMemoryError("CUDA out of memory"))
     assert out_of_memory["status"] == "out_of_memory"
@@ -343,7 +390,7 @@ def test_isolated_runs_report_failures_crashes_and_timeouts():
 @pytest.mark.slow  # starts the process server (imports torch and transformers once)
 def test_peak_memory_reads_a_known_allocation_in_a_fresh_process():
     size = 64 * 2**20
-    probe = common.run_case(common.memory_probe, {"bytes": size, "options": dataclasses.asdict(ISOLATED)}, ISOLATED)
+    probe = common.run_case(common.memory_probe, {"bytes": size}, None, ISOLATED)
     assert probe["status"] == "ok" and probe["isolated"]
     # the tensor's pages plus at most a few MiB of allocator bookkeeping
     assert size <= probe["peak_memory_bytes"] <= size + 8 * 2**20, probe
@@ -365,9 +412,30 @@ def test_cli_smoke_run_in_fresh_processes(tmp_path):
     assert not (tmp_path / "model.json").exists()
 
 
-def test_cli_rejects_unknown_benchmarks():
-    with pytest.raises(SystemExit):
-        suite.parse_args(["--only", "mixer,speed"])
+@pytest.mark.parametrize("arguments", [["--only", "mixer,speed"], ["--max-run-time", "0"], ["--lengths", "1024,x"],
+                                       ["--lengths", "0"], ["--dtype", "float64"]])
+def test_cli_rejects_bad_arguments(arguments, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        suite.parse_args(arguments)
+    assert exit_code.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch
+def test_running_a_script_as_a_file_says_how_to_run_it():
+    done = subprocess.run([sys.executable, "benchmarks/run.py", "--smoke"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and "error: run the suite as a module" in done.stderr
+    assert "python -m benchmarks.run" in done.stderr
+
+
+def test_published_results_named_in_the_docs_exist():
+    """README's Performance section and docs/benchmarks.md point at result files that are in the repository."""
+    for document in ("README.md", "docs/benchmarks.md"):
+        text = (ROOT / document).read_text()
+        assert "benchmarks/results" not in text, f"{document} names a result folder that no longer exists"
+        paths = set(re.findall(r"results/benchmarks/[\w./*-]*[\w*]", text))
+        assert paths, f"{document} names no published result"
+        for path in paths:
+            assert list(ROOT.glob(path)), f"{document} names {path}, which does not exist"
 
 
 @pytest.mark.parametrize("make, message", [
@@ -404,9 +472,11 @@ def test_targets_report_is_rebuilt_from_saved_results(tmp_path):
     finally:
         torch.set_num_threads(threads)
     report = (tmp_path / "targets.md").read_text()
-    assert "| mixer fwd+bwd, T=16K: attention time / RAT time | 6.00x | >= 5x | yes | attention 12 s, RAT 2 s |" in report
+    assert ("| mixer fwd+bwd, T=16K: attention time / RAT time | 6.00x | >= 5x | yes | attention 12.00 s, RAT 2.00 s |"
+            in report)
     assert "| mixer fwd+bwd, T=32K: attention time / RAT time | 5.00x | >= 8x | no |" in report
-    assert "attention 200 MiB, RAT 100 MiB" in report
+    assert ("| mixer fwd+bwd, T=16K: attention memory / RAT memory | 2.00x | >= 1x | yes | "
+            "attention 200.0 MiB, RAT 100.0 MiB |") in report
     assert "one-layer model" not in report  # no saved model.json: that section is absent, not invented
     with pytest.raises(SystemExit):
         targets.main(["--only", "mixer,bogus", "--output", str(tmp_path)])

@@ -61,7 +61,22 @@ def test_preset_overrides_and_unknown_names():
         (dict(num_qk_groups=0), "`num_qk_groups` must be a positive integer"),
         (dict(hidden_size=64, num_attention_heads=4, head_dim=32), "`head_dim` is derived"),
         (dict(hidden_size=12, num_attention_heads=4), "must be even for rotary"),
-        (dict(rope_theta=0.0), "`rope_theta` must be positive"),
+        (dict(rope_theta=0.0), "`rope_theta` must be a finite number > 0"),
+        (dict(rope_theta="abc"), "`rope_theta` must be a finite number > 0, got 'abc'"),
+        (dict(rope_theta=float("nan")), "`rope_theta` must be a finite number"),
+        (dict(rope_theta=float("inf")), "`rope_theta` must be a finite number"),
+        (dict(rope_theta=True), "`rope_theta` must be a finite number"),
+        (dict(rms_norm_eps="1e-6"), "`rms_norm_eps` must be a finite number > 0"),
+        (dict(rms_norm_eps=0), "`rms_norm_eps` must be a finite number > 0"),
+        (dict(initializer_range=-0.1), "`initializer_range` must be a finite number >= 0"),
+        (dict(hidden_act="geluu"), "`hidden_act` 'geluu' is not an activation transformers knows: use one of"),
+        (dict(hidden_act=None), "`hidden_act` None is not an activation"),
+        (dict(vocab_size=100, pad_token_id=100), r"`pad_token_id` must be None or a token id in \[0, 100\)"),
+        (dict(vocab_size=100, pad_token_id=-1), "`pad_token_id` must be None or a token id"),
+        (dict(vocab_size=100, pad_token_id=1.0), "`pad_token_id` must be None or a token id"),
+        (dict(vocab_size=100, bos_token_id=250), "`bos_token_id` must be None or a token id"),
+        (dict(vocab_size=100, eos_token_id=[2, 100]), "`eos_token_id` must be None or a token id"),
+        (dict(vocab_size=100, eos_token_id=[2, None]), "`eos_token_id` must be None or a token id"),
         (dict(rat_implementation="cuda"), "`rat_implementation` must be one of"),
     ],
 )
@@ -80,7 +95,7 @@ def test_round_trip_save_load_and_to_dict(tmp_path):
     assert saved["rat_layer_types"] == config.layer_types and saved["model_type"] == "rat"
     assert "layer_types" not in saved  # see test_generic_config_class_reads_a_saved_config
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_rat.RatForCausalLM"
-    assert (tmp_path / "configuration_rat.py").is_file() and (tmp_path / "modeling_rat.py").is_file()
+    assert (tmp_path / "configuration_rat.py").is_file()  # the configuration's code (the model's comes with the model)
 
 
 def test_auto_config_knows_rat(tmp_path):
@@ -108,3 +123,33 @@ def test_generic_config_class_reads_a_saved_config(tmp_path):
     assert RatConfig.from_dict(legacy).layer_types == ["rnn", "rat"]
     with pytest.raises(ValueError, match="disagree"):
         RatConfig(layer_types=["rat"], rat_layer_types=["rnn"], num_hidden_layers=1, hidden_size=64, num_attention_heads=4)
+
+
+def test_valid_special_tokens_and_activations_are_accepted():
+    config = RatConfig(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=[2, 99], hidden_act="silu")
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id, config.hidden_act) == (0, 1, [2, 99], "silu")
+
+
+def test_special_tokens_set_after_construction_are_checked_when_saving(tmp_path):
+    config = RatConfig.from_preset("rat", "tiny")
+    config.pad_token_id = config.vocab_size
+    with pytest.raises(ValueError, match="`pad_token_id` must be None or a token id"):
+        config.save_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("missing", ["hidden_size", "num_attention_heads"])
+def test_a_config_json_without_a_width_field_names_it(missing, tmp_path):
+    """A hand-edited or truncated config.json: the error names the missing field, not `head_dim` derived from it."""
+    RatConfig.from_preset("rat", "tiny").save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    del saved[missing]
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=f"`{missing}` not given.*set `{missing}`"):
+        RatConfig.from_pretrained(tmp_path)
+
+
+def test_the_layer_count_follows_the_layer_types():
+    assert RatConfig(layer_types=["rat", "rnn", "rat"], hidden_size=64, num_attention_heads=4).num_hidden_layers == 3
+    with pytest.raises(ValueError, match="one entry per layer"):
+        RatConfig(layer_types=["rat", "rnn"], num_hidden_layers=3, hidden_size=64, num_attention_heads=4)

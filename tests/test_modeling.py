@@ -262,7 +262,7 @@ def test_projection_names_for_lora_and_class_attributes():
 
 
 def test_initialisation_follows_the_official_recipe():
-    config = tiny_config(["rat", "rnn"], hidden_size=256, num_attention_heads=4, chunk_size=16, initializer_range=0.02, max_position_embeddings=512)
+    config = tiny_config(["rat", "rnn"], hidden_size=256, num_attention_heads=4, chunk_size=16, initializer_range=0.02, rnn_forget_gate_init_length=512)
     torch.manual_seed(0)
     model = RatForCausalLM(config)
     rat_bias = model.model.layers[0].mixer.forget_gate_bias

@@ -190,10 +190,11 @@ def _mixing_inputs(rows, chunks, chunk_size, heads, head_dim, groups, dtype, num
     return leaves, extra
 
 
-def _reference_mixing(**kwargs):
+def _reference_mixing(composition=None, **kwargs):
+    """`composed_chunk_mixing` of the plain references (or of the functions `composition` names)."""
     from modeling_rat.rat_ops import composed_chunk_mixing, gated_chunk_scan_reference
 
-    return composed_chunk_mixing(gated_chunk_scan_reference, chunk_attention_reference, **kwargs)
+    return composed_chunk_mixing(*(composition or (gated_chunk_scan_reference, chunk_attention_reference)), **kwargs)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-5), (torch.bfloat16, 4e-2)])
@@ -227,6 +228,36 @@ def test_chunk_mixing_equals_the_composed_reference(
         assert got.dtype == fused_leaves[name].dtype, name
         # relative to the largest gradient: bf16 rounds the inputs of both sides the same way, not the steps
         torch.testing.assert_close(got.float(), want, rtol=0, atol=tolerance * want.abs().max().item(), msg=name)
+    with torch.no_grad():  # without gradients the forward itself runs block by block
+        inference = rat_ops.chunk_mixing(**leaves, **extra, scale=0.3, return_states=True)
+    for name in ("mixed", "key_summaries", "value_summaries", "states"):
+        torch.testing.assert_close(getattr(inference, name).float(), getattr(expected, name).float(), rtol=tolerance, atol=tolerance, msg=name)
+
+
+@pytest.mark.parametrize("block_tokens", [3, 4096])
+def test_chunk_mixing_contains_faults_like_the_fast_composition(monkeypatch, block_tokens):
+    """A NaN or inf in a token's summary reaches the later chunks of its row and head, never the earlier ones (the
+    kernel multiplies the hidden slots by zero weights, 0 * NaN = NaN); a faulty cached slot reaches its row only if
+    valid. The same NaN pattern and the same finite values as `chunk_attention`'s containment, from blocks of one
+    chunk (the fault then crosses blocks) to one block."""
+    from modeling_rat import rat_ops
+
+    monkeypatch.setattr(rat_ops, "MIXING_BLOCK_TOKENS", block_tokens)
+    leaves, extra = _mixing_inputs(3, 6, 3, 2, 4, 1, torch.float32, num_cached=2, initial_state=True)
+    assert extra["num_cached_chunks"].tolist() == [0, 1, 2]
+    leaves["value"][0, 2, 1, 5] = float("nan")  # row 0, chunk 2, token 1, head 1
+    leaves["cached_keys"][1, 0, 1] = float("inf")  # row 1: slot 1 of head 0, beyond its one valid slot
+    leaves["cached_values"][2, 1, 1] = float("nan")  # row 2: slot 1 of head 1, valid
+    with torch.no_grad():
+        actual = rat_ops.chunk_mixing(**leaves, **extra, scale=0.3).mixed.unflatten(-1, (2, 4))
+        expected = _reference_mixing(**leaves, **extra, scale=0.3, composition=(rat_ops.gated_chunk_scan, chunk_attention))
+    expected = expected.mixed.unflatten(-1, (2, 4))  # (N, C, L, H, d)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    fault = torch.isnan(actual).any(-1)  # (N, C, L, H)
+    assert fault[0, 2, 1:, 1].all() and fault[0, 3:, :, 1].all() and not fault[0, :, :, 0].any()
+    assert not fault[0, :2].any() and not fault[0, 2, 0].any()
+    assert not fault[1].any()
+    assert fault[2, :, :, 1].all() and not fault[2, :, :, 0].any()
 
 
 @pytest.mark.parametrize("num_cached, initial_state", [(0, False), (2, True)])

@@ -6,10 +6,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from conftest import LAYER_PATTERNS, random_ids, tiny_model
-from modeling_rat.training_rat import LORA_TARGET_MODULES, default_lora_config, lora_target_modules
+from modeling_rat.training import LORA_TARGET_MODULES, default_lora_config, lora_target_modules
 
 
 PATTERNS = ["rat", "rnn", "attention", "rat+sliding"]
+
+
+def enable_activation_checkpointing(model):
+    """`activation_checkpointing_enable` where transformers has it (5.24; the old name warns), else the old name."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def lora_model(pattern, seed=0, **lora_kwargs):
@@ -43,16 +49,29 @@ def test_default_targets_cover_every_projection(pattern):
     assert trainable and all("lora_" in name for name in trainable)
 
 
-def test_lora_target_modules_per_layer_type():
-    attention = tiny_model(LAYER_PATTERNS["attention"]).config
+def test_lora_target_modules_are_derived_from_the_modules():
+    """The targets are read off the model (every linear layer but the LM head), for a model or a configuration, so
+    they follow the modules of each layer type without a hand-kept list."""
+    attention = tiny_model(LAYER_PATTERNS["attention"])
     rnn = tiny_model(LAYER_PATTERNS["rnn"]).config
     hybrid = tiny_model(LAYER_PATTERNS["rat+sliding"]).config
-    assert lora_target_modules(attention) == ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-    assert lora_target_modules(rnn) == ["v_proj", "o_proj", "output_gate_proj", "forget_gate_proj", "up_proj", "down_proj"]
-    assert lora_target_modules(hybrid) == LORA_TARGET_MODULES
-    assert lora_target_modules(hybrid, include_mlp=False) == LORA_TARGET_MODULES[:-2]
+    assert set(lora_target_modules(attention)) == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
+    assert lora_target_modules(attention) == lora_target_modules(attention.config)
+    assert set(lora_target_modules(rnn)) == {"v_proj", "o_proj", "output_gate_proj", "forget_gate_proj", "up_proj",
+                                            "down_proj"}
+    assert set(lora_target_modules(hybrid)) == set(LORA_TARGET_MODULES)
+    assert set(lora_target_modules(hybrid, include_mlp=False)) == set(LORA_TARGET_MODULES) - {"up_proj", "down_proj"}
+    assert len(LORA_TARGET_MODULES) == len(set(LORA_TARGET_MODULES)) == 8
+    assert "lm_head" not in LORA_TARGET_MODULES and "embed_tokens" not in LORA_TARGET_MODULES
     config = default_lora_config(rnn, r=8)
     assert set(config.target_modules) == set(lora_target_modules(rnn)) and config.r == 8
+
+
+def test_lora_target_modules_follow_a_new_projection():
+    """A projection added to a mixer becomes a target without any list being edited."""
+    model = tiny_model(LAYER_PATTERNS["rat"])
+    model.model.layers[0].mixer.extra_proj = nn.Linear(4, 4)
+    assert "extra_proj" in lora_target_modules(model)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -96,7 +115,7 @@ def test_gradient_checkpointing_with_lora_trains(pattern):
         model = lora_model(pattern, lora_dropout=0.0)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
             model.enable_input_require_grads()
             assert model.get_base_model().model.gradient_checkpointing
             # enable_input_require_grads makes the embedding output require grad, so that checkpointed blocks
@@ -119,7 +138,7 @@ def test_gradient_checkpointing_with_lora_trains(pattern):
 def test_lora_training_step_reduces_loss():
     model = lora_model("rat+sliding", lora_dropout=0.0)
     model.train()
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     model.enable_input_require_grads()
     ids = random_ids(4, 16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -1,54 +1,54 @@
 """Saved RAT checkpoints are ordinary Hub models: `trust_remote_code=True` loads them without this package.
 
-The isolated checks run in a fresh Python process in which `modeling_rat` and `configuration_rat` cannot be imported
-(a meta-path blocker first, the editable-install finder removed, `python -I`) and, unless told otherwise, neither can
-triton, peft, trl or accelerate (see `hub_upload.run_isolated_check`).
+transformers' own machinery writes the bundle: `import modeling_rat` registers every class for its Auto class
+(`register_for_auto_class`), so `save_pretrained` copies the class's module and, recursively, the sibling modules it
+imports with `from .name import` (`custom_object_save`). The isolated checks run in a fresh Python process in which
+`modeling_rat` and `configuration_rat` cannot be imported (a meta-path blocker first, the editable-install finder
+removed, `python -I`) and, unless told otherwise, neither can triton, peft, trl or accelerate (see
+`modeling_rat/hub/isolated_check.py`).
 """
 
 import ast
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.dynamic_module_utils import get_imports
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
-import configuration_rat.configuration_rat as configuration_module
-import hub_upload
-from configuration_rat import RatConfig
-from configuration_rat.configuration_rat import RemoteCodeNotFoundError, remote_code_files, write_remote_code
+import configuration_rat
+import modeling_rat
 from conftest import ROOT, random_ids, tiny_model
-from modeling_rat import RatForCausalLM, RatModel
+from modeling_rat import RAT_AUTO_CLASSES, RatConfig, RatForCausalLM, RatModel
+from modeling_rat.configuration_rat import rat_auto_map
+from modeling_rat.hub import HubUploadError
+from modeling_rat.hub.validation import run_isolated_check
 
 
 PACKAGE_DIR = ROOT / "modeling_rat"
-CONFIG_FILE = ROOT / "configuration_rat" / "configuration_rat.py"
-AUTO_MAP = {
-    "AutoConfig": "configuration_rat.RatConfig",
-    "AutoModel": "modeling_rat.RatModel",
-    "AutoModelForCausalLM": "modeling_rat.RatForCausalLM",
-}
 OPTIONAL = {"triton", "peft", "trl", "accelerate"}
 ALL_LAYER_TYPES = ["rat", "sliding_attention", "rnn", "full_attention"]
 
 
-def _sibling_imports(path: Path) -> set[str]:
-    """Relative imports of a module, read with `ast` (independently of the code under test)."""
+def _relative_imports(path: Path) -> list[ast.ImportFrom]:
+    """Relative imports of a module, read with `ast` (independently of the code under test), wherever they appear."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    return [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 0]
 
 
-def _expected_bundle() -> set[str]:
-    names, pending = {"configuration_rat", "modeling_rat"}, ["modeling_rat"]
+def expected_bundle() -> set[str]:
+    """`modeling_rat.py` and every module it imports with `from .name import`, recursively."""
+    names, pending = {"modeling_rat"}, ["modeling_rat"]
     while pending:
-        for name in _sibling_imports(PACKAGE_DIR / f"{pending.pop()}.py"):
-            if name not in names:
-                names.add(name)
-                pending.append(name)
+        for node in _relative_imports(PACKAGE_DIR / f"{pending.pop()}.py"):
+            if node.module not in names:
+                names.add(node.module)
+                pending.append(node.module)
     return {f"{name}.py" for name in names}
 
 
@@ -72,14 +72,20 @@ def _reference_outputs(model, input_ids, attention_mask, max_new_tokens=8):
 # ------------------------------------------------------------------------------------------------------- the bundle
 
 
-def test_bundle_is_the_package_source_and_follows_every_relative_import():
-    files = remote_code_files()
-    assert set(files) == _expected_bundle()
-    assert {"configuration_rat.py", "modeling_rat.py", "cache_rat.py", "rat_ops.py"} <= set(files)
-    assert files["configuration_rat.py"] == CONFIG_FILE.resolve()
-    for name, source in files.items():
-        if name != "configuration_rat.py":
-            assert source == (PACKAGE_DIR / name).resolve(), f"{name} must come from the package, not a copy"
+def test_bundle_modules_are_flat_siblings():
+    """
+    transformers follows only `from .name import x` with `name.py` a sibling file: `from . import x`, dotted modules
+    and parent packages would save a folder that fails to load elsewhere. The configuration is one of the siblings.
+    """
+    bundle = expected_bundle()
+    assert {"modeling_rat.py", "configuration_rat.py", "cache_rat.py", "rat_ops.py"} <= bundle
+    for name in bundle:
+        assert (PACKAGE_DIR / name).is_file(), f"{name} is imported by the bundle but is not a sibling of modeling_rat.py"
+        for node in _relative_imports(PACKAGE_DIR / name):
+            written = "." * node.level + (node.module or "")
+            assert node.level == 1 and node.module and "." not in node.module, (
+                f"{name} line {node.lineno}: `from {written} import` cannot be bundled as remote code"
+            )
 
 
 def test_bundle_imports_no_optional_dependency_at_import_time():
@@ -87,74 +93,74 @@ def test_bundle_imports_no_optional_dependency_at_import_time():
     transformers' loader requires every import outside `try:` blocks to be installed: only torch, transformers, the
     libraries transformers itself requires, and the standard library may be imported that way.
     """
-    for name, source in remote_code_files().items():
-        imports = set(get_imports(source))
+    for name in expected_bundle():
+        imports = set(get_imports(PACKAGE_DIR / name))
         assert not imports & OPTIONAL, f"{name} imports {imports & OPTIONAL} outside a try block"
         allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "huggingface_hub", "safetensors"}
         assert imports <= allowed, f"{name} needs {imports - allowed}, which a plain transformers install may lack"
-
-
-def _write_module(directory: Path, name: str, text: str):
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{name}.py").write_text(text, encoding="utf-8")
-
-
-def test_bundle_picks_up_guarded_optional_modules(tmp_path):
-    code = tmp_path / "code"
-    _write_module(code, "modeling_rat", "try:\n    from .fast_kernels import kernel\nexcept ImportError:\n    kernel = None\n")
-    _write_module(code, "fast_kernels", "from .helpers import x\ntry:\n    import triton\nexcept ImportError:\n    triton = None\n")
-    _write_module(code, "helpers", "x = 1\n")
-    files = remote_code_files(code)
-    assert set(files) == {"configuration_rat.py", "modeling_rat.py", "fast_kernels.py", "helpers.py"}
-    # configuration_rat.py is not in that folder: it comes from the installed configuration package
-    assert files["configuration_rat.py"] == CONFIG_FILE.resolve()
-    written = write_remote_code(tmp_path / "out", modeling_dir=code)
-    assert sorted(p.name for p in written) == sorted(files)
-    assert (tmp_path / "out" / "fast_kernels.py").read_text() == (code / "fast_kernels.py").read_text()
-
-
-def test_bundle_errors_name_what_cannot_be_bundled(tmp_path):
-    missing = tmp_path / "missing"
-    _write_module(missing, "modeling_rat", "try:\n    from .rat_triton import kernel\nexcept ImportError:\n    pass\n")
-    with pytest.raises(RemoteCodeNotFoundError, match="rat_triton.py"):
-        remote_code_files(missing)
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(RemoteCodeNotFoundError):
-        write_remote_code(tmp_path / "out", modeling_dir=missing)
-    assert not (tmp_path / "out").exists(), "nothing is written when the bundle is incomplete"
-    for name, text in {"package_import": "from . import rat_ops\n", "dotted": "from .ops.kernels import f\n", "parent": "from ..x import y\n"}.items():
-        folder = tmp_path / name
-        _write_module(folder, "modeling_rat", text)
-        with pytest.raises(ValueError, match="cannot be bundled|only flat sibling modules"):
-            remote_code_files(folder)
 
 
 def test_save_pretrained_writes_auto_map_and_the_package_code(tmp_path):
     model = tiny_model(ALL_LAYER_TYPES)
     model.save_pretrained(tmp_path / "model")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert config["auto_map"] == AUTO_MAP
-    for name, source in remote_code_files().items():
-        assert (tmp_path / "model" / name).read_bytes() == source.read_bytes(), name
+    assert config["auto_map"] == rat_auto_map()
+    assert {p.name for p in (tmp_path / "model").glob("*.py")} == expected_bundle()
+    for name in expected_bundle():
+        assert (tmp_path / "model" / name).read_bytes() == (PACKAGE_DIR / name).read_bytes(), name
     assert (tmp_path / "model" / "generation_config.json").is_file()
+    # a configuration alone: its code and the full auto_map (transformers' convention: the model's code comes with the model)
     model.config.save_pretrained(tmp_path / "config")
-    assert json.loads((tmp_path / "config" / "config.json").read_text())["auto_map"] == AUTO_MAP
-    assert {p.name for p in (tmp_path / "config").glob("*.py")} == set(remote_code_files())
+    assert json.loads((tmp_path / "config" / "config.json").read_text())["auto_map"] == rat_auto_map()
+    assert {p.name for p in (tmp_path / "config").iterdir()} == {"config.json", "configuration_rat.py"}
 
 
-def test_config_alone_without_model_code_saves_its_own_code_and_warns(tmp_path, monkeypatch, caplog):
-    """A configuration loaded by itself with remote code from a local folder has no model code beside it."""
-    monkeypatch.setattr(configuration_module, "_default_model_code_directory", lambda: None)
-    with caplog.at_level("WARNING"):
-        RatConfig(**tiny_model().config.to_diff_dict()).save_pretrained(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "configuration_rat.py"}
-    assert "not the model code" in caplog.text and "model.save_pretrained" in caplog.text
+@pytest.mark.parametrize("auto_class_name, class_name", list(RAT_AUTO_CLASSES.items()))
+def test_every_auto_class_of_the_table_is_registered_exported_and_saved(auto_class_name, class_name, tmp_path):
+    """One table (`RAT_AUTO_CLASSES`) drives the Auto registration, the exports and every saved `auto_map`."""
+    model_class = getattr(modeling_rat, class_name, None)
+    assert model_class is not None, f"{class_name} is in RAT_AUTO_CLASSES but modeling_rat/__init__.py does not export it"
+    auto_class = getattr(transformers, auto_class_name)
+    assert auto_class._model_mapping[RatConfig] is model_class
+    assert model_class._auto_class == auto_class_name
+    assert rat_auto_map()[auto_class_name] == f"modeling_rat.{class_name}"
+    model = model_class(tiny_model().config)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == rat_auto_map()
+    assert type(auto_class.from_pretrained(tmp_path)) is model_class
+
+
+def test_auto_map_keeps_local_entries_and_replaces_hub_references():
+    expected = rat_auto_map()
+    assert expected["AutoConfig"] == "configuration_rat.RatConfig"
+    loaded_from_the_hub = {"AutoConfig": "someone/rat--configuration_rat.RatConfig",
+                           "AutoModelForCausalLM": "someone/rat--modeling_rat.RatForCausalLM"}
+    assert rat_auto_map(loaded_from_the_hub) == expected, "the code is saved beside the weights: no other repo is needed"
+    registered_subclass = {"AutoModelForCausalLM": "my_rat.MyRatForCausalLM", "AutoTokenizer": [None, "my_tokenizer.Fast"]}
+    assert rat_auto_map(registered_subclass) == {**expected, **registered_subclass}
+
+
+def test_register_for_auto_class_then_save_pretrained(tmp_path):
+    """The pattern of transformers' custom-model guide, with this package imported (it raised FileNotFoundError)."""
+    RatConfig.register_for_auto_class()
+    RatForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    model = tiny_model(["rat", "rnn"])
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.glob("*.py")} == expected_bundle()
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == rat_auto_map()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_configuration_import_paths_name_one_class():
+    assert configuration_rat.RatConfig is RatConfig is modeling_rat.configuration_rat.RatConfig
+    assert configuration_rat.RAT_AUTO_CLASSES is RAT_AUTO_CLASSES
 
 
 def test_importing_the_package_registers_the_auto_classes(tmp_path):
     assert CONFIG_MAPPING["rat"] is RatConfig
-    assert MODEL_MAPPING[RatConfig] is RatModel
-    assert MODEL_FOR_CAUSAL_LM_MAPPING[RatConfig] is RatForCausalLM
     model = tiny_model(["rat", "sliding_attention"])
     model.save_pretrained(tmp_path)
     # no trust_remote_code: the installed classes are used
@@ -167,6 +173,28 @@ def test_importing_the_package_registers_the_auto_classes(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "empty"])
+@pytest.mark.parametrize("loader", [RatForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained], ids=["class", "auto"])
+def test_an_unreadable_weight_file_is_named(damage, loader, tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "random bytes": torch.randint(0, 256, (len(data),), dtype=torch.uint8).numpy().tobytes(), "empty": b""}[damage])
+    with pytest.raises(OSError, match="model.safetensors cannot be read .*truncated or not a safetensors file"):
+        loader(tmp_path)
+
+
+def test_an_unreadable_shard_is_named_among_good_ones(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) >= 2
+    shards[1].write_bytes(shards[1].read_bytes()[:100])
+    with pytest.raises(OSError) as raised:
+        RatForCausalLM.from_pretrained(tmp_path)
+    assert str(shards[1]) in str(raised.value) and str(shards[0]) not in str(raised.value)
+
+
 # ----------------------------------------------------------------------------------------- isolated, as on the Hub
 
 
@@ -177,7 +205,7 @@ def test_remote_code_loads_generates_and_resaves_without_the_package(tmp_path):
     input_ids, attention_mask = _left_padded_batch()
     logits, generated = _reference_outputs(model, input_ids, attention_mask)
     probe = {"input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": 8, "pad_token_id": 0, "resave": True}
-    result = hub_upload.run_isolated_check(tmp_path / "model", probe, optional_dependencies=sorted(OPTIONAL))
+    result = run_isolated_check(tmp_path / "model", probe, optional_dependencies=sorted(OPTIONAL))
 
     assert result["model_class"].startswith("transformers_modules.") and result["model_class"].endswith("RatForCausalLM")
     assert result["config_class"].startswith("transformers_modules.")
@@ -190,11 +218,12 @@ def test_remote_code_loads_generates_and_resaves_without_the_package(tmp_path):
     alone = model.generate(input_ids[1:, 3:], max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(result["generated"][1, 3:], alone[0])
 
-    # saved again by the remote-code model (its bundle comes from transformers' module cache) and reloaded
-    assert {"config.json", "model.safetensors", "generation_config.json"} | set(remote_code_files()) <= set(result["resaved_files"])
-    assert set(result["resaved_code"]) == set(remote_code_files())
-    for name, source in remote_code_files().items():
-        assert result["resaved_code"][name] == source.read_text(encoding="utf-8"), name
+    # saved again by the remote-code model (transformers copies its bundle from its module cache) and reloaded
+    assert {"config.json", "model.safetensors", "generation_config.json"} | expected_bundle() <= set(result["resaved_files"])
+    assert set(result["resaved_code"]) == expected_bundle()
+    for name in expected_bundle():
+        assert result["resaved_code"][name] == (PACKAGE_DIR / name).read_text(encoding="utf-8"), name
+    assert json.loads(result["resaved_config"])["auto_map"] == rat_auto_map()
     assert result["resaved_model_class"].startswith("transformers_modules.")
     torch.testing.assert_close(result["resaved_logits"], logits, rtol=1e-5, atol=1e-5)
 
@@ -206,7 +235,7 @@ def test_remote_code_loads_with_the_optional_dependencies_installed(tmp_path):
     input_ids, attention_mask = _left_padded_batch()
     logits, generated = _reference_outputs(model, input_ids, attention_mask, max_new_tokens=4)
     probe = {"input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": 4, "pad_token_id": 0}
-    result = hub_upload.run_isolated_check(tmp_path, probe, optional_dependencies=())
+    result = run_isolated_check(tmp_path, probe, optional_dependencies=())
     assert result["blocked_dependencies"] == []
     assert result["model_class"].startswith("transformers_modules.")
     # bfloat16 weights are loaded as bfloat16 (config `dtype`): same computation as the source model
@@ -230,23 +259,21 @@ def test_an_unguarded_optional_import_in_a_bundled_module_is_caught(tmp_path):
     )
     (tmp_path / "fast_kernels.py").write_text("import triton\n\nkernel = triton\n", encoding="utf-8")
     input_ids, attention_mask = _left_padded_batch()
-    with pytest.raises(hub_upload.HubUploadError, match="fast_kernels.py imports 'triton' outside a `try:` block"):
-        hub_upload.run_isolated_check(tmp_path, {"input_ids": input_ids, "attention_mask": attention_mask})
+    with pytest.raises(HubUploadError, match="fast_kernels.py imports 'triton' outside a `try:` block"):
+        run_isolated_check(tmp_path, {"input_ids": input_ids, "attention_mask": attention_mask})
     # with the import guarded inside the module too, the same folder loads without triton
     (tmp_path / "fast_kernels.py").write_text("try:\n    import triton\nexcept ImportError:\n    triton = None\n\nkernel = triton\n")
-    result = hub_upload.run_isolated_check(tmp_path, {"input_ids": input_ids, "attention_mask": attention_mask})
+    result = run_isolated_check(tmp_path, {"input_ids": input_ids, "attention_mask": attention_mask})
     assert result["model_class"].startswith("transformers_modules.")
 
 
 def test_isolation_blocks_the_package_and_optional_dependencies():
-    """`isolate_from_package` in a subprocess: the package and the optional dependencies are unimportable."""
-    import subprocess
-
+    """`isolate` in a subprocess: the package and the optional dependencies are unimportable."""
     script = (
         "import importlib, importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('isolation', {str(ROOT / 'hub_upload.py')!r})\n"
+        f"spec = importlib.util.spec_from_file_location('isolation', {str(PACKAGE_DIR / 'hub' / 'isolated_check.py')!r})\n"
         "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-        "module.isolate_from_package(['peft'])\n"
+        "module.isolate(['modeling_rat', 'configuration_rat'], ['peft'])\n"
         "for name in ('modeling_rat', 'configuration_rat', 'modeling_rat.rat_ops', 'peft'):\n"
         "    try:\n"
         "        importlib.import_module(name)\n"
@@ -273,7 +300,7 @@ def test_remote_code_runs_the_bundled_triton_kernels(tmp_path, monkeypatch):
     With triton installed, a folder loaded with remote code runs the kernels of its own bundled `rat_triton.py` (on the
     CPU under Triton's interpreter here) and computes what the installed package's fast path computes.
     """
-    if "rat_triton.py" not in remote_code_files():
+    if "rat_triton.py" not in expected_bundle():
         pytest.skip("this tree has no Triton kernels (modeling_rat.py does not import .rat_triton)")
     pytest.importorskip("triton", reason="the Triton kernels need the `triton` package")
     model = tiny_model(["rat", "sliding_attention"])
@@ -283,7 +310,7 @@ def test_remote_code_runs_the_bundled_triton_kernels(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the validation process when it imports the bundled kernels
     probe = {"input_ids": input_ids, "attention_mask": attention_mask, "max_new_tokens": 4, "pad_token_id": 0}
-    result = hub_upload.run_isolated_check(tmp_path, probe, optional_dependencies=())
+    result = run_isolated_check(tmp_path, probe, optional_dependencies=())
     assert result["model_class"].startswith("transformers_modules.")
     assert "triton" in result["loaded_optional_dependencies"]
     # kernels against the PyTorch fast path: fp32 accumulations in another order (as in tests/test_triton.py)

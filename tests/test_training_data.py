@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from conftest import ROOT
-from modeling_rat.training_rat import (
+from modeling_rat.training import (
     check_columns,
     check_not_empty,
     ensure_pad_token,
@@ -264,6 +264,7 @@ def test_sft_examples_longer_than_max_length_are_cut_to_fit(tmp_path):
 
     from conftest import tiny_config
     from modeling_rat import RatForCausalLM
+    from modeling_rat.training.launch import activation_checkpointing_argument
 
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     tokenizer = train_byte_level_bpe([" ".join(words)] * 10, vocab_size=300)
@@ -282,7 +283,7 @@ def test_sft_examples_longer_than_max_length_are_cut_to_fit(tmp_path):
     trainer = SFTTrainer(
         model=model, train_dataset=formatted.remove_columns("reference"), processing_class=tokenizer,
         args=SFTConfig(output_dir=str(tmp_path / "out"), max_length=48, report_to="none", bf16=False, use_cpu=True,
-                       max_steps=1, shuffle_dataset=False),
+                       max_steps=1, shuffle_dataset=False, **activation_checkpointing_argument(False)),
     )
     for example, completion in zip(trainer.train_dataset, formatted["completion"]):
         completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]

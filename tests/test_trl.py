@@ -17,7 +17,8 @@ from trl import SFTConfig, SFTTrainer
 
 from conftest import tiny_config
 from modeling_rat import RatForCausalLM
-from modeling_rat.training_rat import LORA_TARGET_MODULES
+from modeling_rat.training import DEFAULT_CHAT_TEMPLATE, LORA_TARGET_MODULES, train_byte_level_bpe
+from modeling_rat.training.launch import activation_checkpointing_argument
 
 
 SENTENCES = [
@@ -59,8 +60,9 @@ def model_for(tokenizer, layer_types=("rat", "sliding_attention"), seed=0, **ove
     return RatForCausalLM(config)
 
 
-def sft_config(tmp_path, **overrides):
+def sft_config(tmp_path, checkpointing=False, **overrides):
     arguments = dict(
+        **activation_checkpointing_argument(checkpointing),
         output_dir=str(tmp_path / "sft"),
         max_steps=3,
         per_device_train_batch_size=4,
@@ -146,6 +148,43 @@ def test_conversational_dataset_with_chat_template(tmp_path):
     assert torch.isfinite(torch.tensor(trainer.train().training_loss))
 
 
+def test_conversational_sft_with_the_default_chat_template(tmp_path, caplog):
+    """A tokenizer trained like examples/pretrain.py's ships a ChatML template: TRL's conversational SFT works on it
+    as it is, prompt/completion and messages (with assistant-only loss), and the end-of-turn token is supervised."""
+    tokenizer = train_byte_level_bpe(SENTENCES * 4, vocab_size=300)
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    turn_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = model_for(tokenizer)
+    conversations = [
+        ([{"role": "user", "content": " ".join(s.split()[:5])}],
+         [{"role": "assistant", "content": " ".join(s.split()[5:])}])
+        for s in SENTENCES
+    ]
+    rows = [{"prompt": prompt, "completion": completion} for prompt, completion in conversations]
+    trainer = SFTTrainer(model=model, args=sft_config(tmp_path, shuffle_dataset=False),
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    example = trainer.train_dataset[0]
+    text = tokenizer.decode(example["input_ids"])
+    assert text == ("<|im_start|>user\nthe cat sat on the<|im_end|>\n<|im_start|>assistant\n"
+                    "mat and looked at the dog<|im_end|>\n")
+    labels = trainer.data_collator([example])["labels"][0]
+    assert tokenizer.decode(labels[labels != -100]) == "mat and looked at the dog<|im_end|>\n"
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+
+    # Messages with assistant-only loss: the template's generation markers select the assistant turn and its end.
+    messages = [{"messages": prompt + completion} for prompt, completion in conversations]
+    with caplog.at_level("WARNING"):
+        trainer = SFTTrainer(model=model, args=sft_config(tmp_path, assistant_only_loss=True, max_steps=2),
+                             train_dataset=Dataset.from_list(messages), processing_class=tokenizer)
+    assert "end-of-turn token" not in caplog.text
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    labels = batch["labels"][0]
+    supervised = labels[labels != -100].tolist()
+    assert tokenizer.decode(supervised) == "mat and looked at the dog<|im_end|>"
+    assert supervised[-1] == turn_end
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+
+
 def _separate_logits(model, packed_ids, position_ids):
     """Run each packed sequence alone (split where positions restart) and concatenate the logits."""
     starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [position_ids.shape[1]]
@@ -172,7 +211,7 @@ def test_packing_is_padding_free_and_isolates_sequences(tmp_path, layer_types):
     model = model_for(tokenizer, layer_types, initializer_range=0.3)
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(tmp_path, packing=True, max_length=64, per_device_train_batch_size=8, gradient_checkpointing=False),
+        args=sft_config(tmp_path, packing=True, max_length=64, per_device_train_batch_size=8),
         train_dataset=Dataset.from_list([{"text": s} for s in SENTENCES]),
         processing_class=tokenizer,
     )
@@ -206,7 +245,7 @@ def test_packing_trains_with_gradient_checkpointing_and_lora(tmp_path):
     model = model_for(tokenizer, ("rat", "sliding_attention"))
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(tmp_path, packing=True, gradient_checkpointing=True, max_steps=4),
+        args=sft_config(tmp_path, checkpointing=True, packing=True, max_steps=4),
         train_dataset=Dataset.from_list([{"text": s} for s in SENTENCES * 2]),
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES, task_type="CAUSAL_LM"),

@@ -6,25 +6,17 @@ across chunks every token runs softmax attention over the summaries of all earli
 summary. The paper's five models (attention, rnn, rat, attention-swa, rat-swa) are all layer patterns of this one
 model family: see `RatConfig.from_preset`.
 
-This file is self-contained (it imports only the standard library and transformers) because it is copied next to
-the weights of every saved checkpoint, so that `trust_remote_code=True` loading works without this package.
+This module is a flat sibling of `modeling_rat.py`, which imports it with `from .configuration_rat import`: transformers
+copies both next to the weights of every saved checkpoint (`register_for_auto_class`), so that `trust_remote_code=True`
+loading works without this package. It imports only the standard library and transformers. The documented import path
+is `from configuration_rat import RatConfig` (or `from modeling_rat import RatConfig`).
 """
 
-import ast
-import importlib.util
-import os
-import re
-import shutil
-from contextlib import contextmanager
-from contextvars import ContextVar
-from pathlib import Path
+import math
+from numbers import Real
 
 from transformers import PretrainedConfig
-from transformers.dynamic_module_utils import get_relative_imports
-from transformers.utils import logging
-
-
-logger = logging.get_logger(__name__)
+from transformers.activations import ACT2FN
 
 
 RAT_LAYER_TYPES = ("rat", "sliding_attention", "full_attention", "rnn")
@@ -54,11 +46,31 @@ PAPER_SLIDING_WINDOW = 1025
 
 RAT_IMPLEMENTATIONS = ("auto", "reference", "fast", "triton")
 
-AUTO_MAP = {
-    "AutoConfig": "configuration_rat.RatConfig",
-    "AutoModel": "modeling_rat.RatModel",
-    "AutoModelForCausalLM": "modeling_rat.RatForCausalLM",
+# The Auto classes of RAT models: Auto class name -> class name in `modeling_rat.py`. `import modeling_rat` registers
+# every entry with its Auto class, and every saved `config.json` lists every entry in its `auto_map`, so that a new
+# task head needs one line here.
+RAT_AUTO_CLASSES = {
+    "AutoModel": "RatModel",
+    "AutoModelForCausalLM": "RatForCausalLM",
+    "AutoModelForSequenceClassification": "RatForSequenceClassification",
+    "AutoModelForTokenClassification": "RatForTokenClassification",
+    "AutoModelForQuestionAnswering": "RatForQuestionAnswering",
 }
+
+
+def rat_auto_map(existing: dict | None = None) -> dict:
+    """
+    The `auto_map` of a saved RAT checkpoint: `AutoConfig` and every entry of `RAT_AUTO_CLASSES`, pointing at the code
+    saved beside `config.json`. Entries of `existing` that also point at files beside it (no `repo--` prefix; e.g. a
+    subclass registered with `register_for_auto_class`) are kept; those that point at another Hub repository's code
+    (the prefix transformers adds when loading from the Hub) are replaced, since the code is saved beside the weights.
+    """
+    auto_map = {"AutoConfig": "configuration_rat.RatConfig"}
+    auto_map.update({auto_class: f"modeling_rat.{name}" for auto_class, name in RAT_AUTO_CLASSES.items()})
+    for auto_class, reference in (existing or {}).items():
+        if auto_class not in auto_map or (isinstance(reference, str) and "--" not in reference):
+            auto_map[auto_class] = reference
+    return auto_map
 
 
 class RatConfig(PretrainedConfig):
@@ -70,7 +82,7 @@ class RatConfig(PretrainedConfig):
         vocab_size (`int`, defaults to 32000): number of tokens in the vocabulary.
         hidden_size (`int`, defaults to 2048): width D of the residual stream.
         intermediate_size (`int`, *optional*): width of the GELU MLP; defaults to `4 * hidden_size`.
-        num_hidden_layers (`int`, defaults to 24): number of blocks.
+        num_hidden_layers (`int`, *optional*): number of blocks; defaults to the length of `layer_types`, else 24.
         num_attention_heads (`int`, defaults to 16): heads H of the RAT and attention mixers.
         head_dim (`int`, *optional*): derived, `hidden_size // num_attention_heads`; may be given only if equal.
         num_qk_groups (`int`, defaults to 2): key/query groups G of the RAT mixer (the paper's `ngroups`). Queries
@@ -83,12 +95,16 @@ class RatConfig(PretrainedConfig):
         sliding_window (`int`, *optional*): number of tokens a sliding-window attention query sees, itself included
             (the Hugging Face convention). The official code's `window_size=W` corresponds to `sliding_window=W + 1`.
             Required when `layer_types` contains `"sliding_attention"`.
-        max_position_embeddings (`int`, defaults to 2048): training context length. Rotary embeddings do not limit
-            the length; this value sets the rnn layers' forget-gate initialisation, `log(U(1, max_position_embeddings
-            - 1))`, as in the official code.
+        rnn_forget_gate_init_length (`int`, defaults to 2048): the rnn layers' forget-gate bias is initialised as
+            `log(U(1, rnn_forget_gate_init_length - 1))`, from the training context length, as in the official code
+            (its `max_length`). Nothing else uses it: RAT models have no position limit (rotary angles grow with the
+            chunk or token index), so the config has no `max_position_embeddings`, which transformers would take for
+            one (it caps and warns about generation lengths). The key `max_position_embeddings` of older config.json
+            files is read as this field.
         rope_theta (`float`, defaults to 10000.0): rotary base.
         rms_norm_eps (`float`, defaults to 1e-6): RMSNorm epsilon.
-        hidden_act (`str`, defaults to `"gelu"`): MLP activation (exact erf GELU in the paper).
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation, a name of transformers' `ACT2FN` (the paper's
+            `"gelu"` is the exact erf GELU).
         initializer_range (`float`, defaults to 0.02): standard deviation of the normal initialisation.
         tie_word_embeddings (`bool`, defaults to `True`): tie the LM head to the token embedding.
         use_cache (`bool`, defaults to `True`): return a cache from forward passes that can use one.
@@ -103,16 +119,16 @@ class RatConfig(PretrainedConfig):
     def __init__(
         self,
         vocab_size: int = 32000,
-        hidden_size: int = 2048,
+        hidden_size: int | None = None,
         intermediate_size: int | None = None,
-        num_hidden_layers: int = 24,
-        num_attention_heads: int = 16,
+        num_hidden_layers: int | None = None,
+        num_attention_heads: int | None = None,
         head_dim: int | None = None,
         num_qk_groups: int = 2,
         chunk_size: int = 16,
         layer_types: list[str] | None = None,
         sliding_window: int | None = None,
-        max_position_embeddings: int = 2048,
+        rnn_forget_gate_init_length: int | None = None,
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
         hidden_act: str = "gelu",
@@ -126,6 +142,9 @@ class RatConfig(PretrainedConfig):
         rat_layer_types: list[str] | None = None,
         **kwargs,
     ):
+        rnn_forget_gate_init_length = _renamed_argument(
+            "rnn_forget_gate_init_length", rnn_forget_gate_init_length, "max_position_embeddings", kwargs, default=2048
+        )
         if rat_layer_types is not None:  # the name `layer_types` is stored under in config.json (see `to_dict`)
             if layer_types is not None and list(layer_types) != list(rat_layer_types):
                 raise ValueError(
@@ -133,6 +152,13 @@ class RatConfig(PretrainedConfig):
                     "field (config.json stores it as `rat_layer_types`); give one of them."
                 )
             layer_types = rat_layer_types
+        # Which of the fields that `head_dim` derives from took their defaults: a config.json that lacks one of them
+        # gets an error naming it rather than `head_dim`.
+        defaulted = [name for name, value in (("hidden_size", hidden_size), ("num_attention_heads", num_attention_heads)) if value is None]
+        hidden_size = 2048 if hidden_size is None else hidden_size
+        num_attention_heads = 16 if num_attention_heads is None else num_attention_heads
+        if num_hidden_layers is None:
+            num_hidden_layers = len(layer_types) if isinstance(layer_types, (list, tuple)) else 24
         if intermediate_size is None:
             intermediate_size = 4 * hidden_size if isinstance(hidden_size, int) else hidden_size
         if layer_types is None and isinstance(num_hidden_layers, int):
@@ -145,7 +171,7 @@ class RatConfig(PretrainedConfig):
         self.num_qk_groups = num_qk_groups
         self.chunk_size = chunk_size
         self.sliding_window = sliding_window
-        self.max_position_embeddings = max_position_embeddings
+        self.rnn_forget_gate_init_length = rnn_forget_gate_init_length
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
         self.hidden_act = hidden_act
@@ -163,19 +189,22 @@ class RatConfig(PretrainedConfig):
             **kwargs,
         )
         self.layer_types = list(layer_types) if isinstance(layer_types, (list, tuple)) else layer_types
-        self._check_rat_arguments(head_dim)
+        self._check_rat_arguments(head_dim, defaulted)
         self.head_dim = hidden_size // num_attention_heads
 
     # ------------------------------------------------------------------------------------------------ validation
 
-    def _check_rat_arguments(self, head_dim):
-        """Raise a ValueError that says what to change for any invalid combination of arguments."""
+    def _check_rat_arguments(self, head_dim, defaulted=()):
+        """
+        Raise a ValueError that says what to change for any invalid combination of arguments. `defaulted`: the fields
+        `head_dim` derives from that were not given (a config.json lacking them), named when `head_dim` disagrees.
+        """
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_qk_groups", "max_position_embeddings"):
+                     "num_qk_groups", "rnn_forget_gate_init_length"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_integer(value) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
+        if not _is_integer(self.chunk_size) or self.chunk_size < 1:
             raise ValueError(
                 f"`chunk_size` must be an integer >= 1, got {self.chunk_size!r}. Use 1 for attention-like layers and "
                 "the paper's 16 for RAT."
@@ -194,6 +223,13 @@ class RatConfig(PretrainedConfig):
             )
         derived_head_dim = self.hidden_size // self.num_attention_heads
         if head_dim is not None and head_dim != derived_head_dim:
+            if defaulted:
+                missing = " and ".join(f"`{name}`" for name in defaulted)
+                raise ValueError(
+                    f"{missing} not given, so the default hidden_size {self.hidden_size} and num_attention_heads "
+                    f"{self.num_attention_heads} give head size {derived_head_dim}, but `head_dim` is {head_dim}: set "
+                    f"{missing} (a config.json must state hidden_size and num_attention_heads)."
+                )
             raise ValueError(
                 f"`head_dim` is derived as hidden_size // num_attention_heads = {derived_head_dim}, but {head_dim} was "
                 "given: leave `head_dim` unset or change `hidden_size`/`num_attention_heads`."
@@ -212,21 +248,33 @@ class RatConfig(PretrainedConfig):
         unknown = sorted({t for t in self.layer_types if t not in RAT_LAYER_TYPES}, key=str)
         if unknown:
             raise ValueError(f"Unknown layer type(s) {unknown} in `layer_types`: each entry must be one of {RAT_LAYER_TYPES}.")
-        if self.sliding_window is not None and (
-            not isinstance(self.sliding_window, int) or isinstance(self.sliding_window, bool) or self.sliding_window < 1
-        ):
+        if self.sliding_window is not None and (not _is_integer(self.sliding_window) or self.sliding_window < 1):
             raise ValueError(f"`sliding_window` must be a positive integer (tokens a query sees), got {self.sliding_window!r}.")
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
             raise ValueError(
                 "`layer_types` contains 'sliding_attention' but `sliding_window` is not set: give the number of tokens "
                 f"a query sees, itself included (the paper uses {PAPER_SLIDING_WINDOW}, official window_size=1024)."
             )
-        if not (self.rope_theta > 0):
-            raise ValueError(f"`rope_theta` must be positive, got {self.rope_theta!r}.")
-        if not (self.rms_norm_eps > 0):
-            raise ValueError(f"`rms_norm_eps` must be positive, got {self.rms_norm_eps!r}.")
-        if not (self.initializer_range >= 0):
-            raise ValueError(f"`initializer_range` must be >= 0, got {self.initializer_range!r}.")
+        for name, lowest, inclusive in (("rope_theta", 0, False), ("rms_norm_eps", 0, False), ("initializer_range", 0, True)):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
+                bound = f">= {lowest}" if inclusive else f"> {lowest}"
+                raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"`hidden_act` {self.hidden_act!r} is not an activation transformers knows: use one of {sorted(ACT2FN)} "
+                "(the paper's is 'gelu')."
+            )
+        # transformers only warns about special tokens outside the vocabulary; here they would fail later, deep inside
+        # the embedding (pad_token_id) or generate() (bos/eos), so they are refused.
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name, None)
+            token_ids = list(value) if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(_is_integer(t) and 0 <= t < self.vocab_size for t in token_ids):
+                raise ValueError(
+                    f"`{name}` must be None or a token id in [0, {self.vocab_size}) (vocab_size {self.vocab_size}), got "
+                    f"{value!r}: give an id of the tokenizer's vocabulary, or raise `vocab_size`."
+                )
         if self.rat_implementation not in RAT_IMPLEMENTATIONS:
             raise ValueError(f"`rat_implementation` must be one of {RAT_IMPLEMENTATIONS}, got {self.rat_implementation!r}.")
 
@@ -249,6 +297,17 @@ class RatConfig(PretrainedConfig):
         if "layer_types" in output:
             output["rat_layer_types"] = output.pop("layer_types")
         return output
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """
+        `PretrainedConfig.save_pretrained`, with an `auto_map` that lists every RAT Auto class (see `rat_auto_map`).
+        transformers' `custom_object_save` copies this file beside `config.json`; saving the model
+        (`model.save_pretrained`) also copies the model's code, so that the folder loads with `trust_remote_code=True`.
+        """
+        if type(self)._auto_class is None:  # e.g. the class of a remote-code model file, imported without AutoConfig
+            type(self).register_for_auto_class()
+        self.auto_map = rat_auto_map(getattr(self, "auto_map", None))
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     # --------------------------------------------------------------------------------------------------- presets
 
@@ -276,45 +335,26 @@ class RatConfig(PretrainedConfig):
             arguments["layer_types"] = [pattern(i) for i in range(arguments["num_hidden_layers"])]
         return cls(**arguments)
 
-    # ------------------------------------------------------------------------------------------- remote code
+def _renamed_argument(name: str, value, old_name: str, kwargs: dict, default):
+    """The value of argument `name`, also accepted under its former name `old_name` (popped from `kwargs`)."""
+    old_value = kwargs.pop(old_name, None)
+    if old_value is not None and value is not None and old_value != value:
+        raise ValueError(
+            f"`{name}` ({value}) and `{old_name}` ({old_value}) disagree: `{old_name}` is the former name of `{name}`; "
+            f"give one of them."
+        )
+    for candidate in (value, old_value):
+        if candidate is not None:
+            return candidate
+    return default
 
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """
-        Save `config.json` with an `auto_map`, and next to it the model's code (see `remote_code_files`), so that the
-        folder (or a Hub repo made from it) loads with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`
-        on a machine without this package.
-        """
-        if os.path.isfile(save_directory):
-            raise ValueError(f"`save_directory` ({save_directory}) must be a directory, not a file.")
-        self.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, push_to_hub=False)
-        try:
-            written = write_remote_code(save_directory)
-        except RemoteCodeNotFoundError as error:
-            # A configuration loaded on its own with `trust_remote_code` from a local folder: transformers keeps its
-            # file apart from the model's files, so only the configuration's code is at hand.
-            destination = Path(save_directory) / "configuration_rat.py"
-            if destination.resolve() != Path(__file__).resolve():
-                shutil.copyfile(Path(__file__).resolve(), destination)
-            written = [destination]
-            logger.warning(
-                f"Saved the configuration to {save_directory}, but not the model code beside it: {error} Save the model "
-                "itself (`model.save_pretrained`) to write a folder that loads with `trust_remote_code=True`."
-            )
-        if push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
 
-            repo_id = kwargs.pop("repo_id", str(save_directory).rstrip(os.sep).split(os.sep)[-1])
-            commit_message = kwargs.pop("commit_message", "Upload RAT config")
-            token = kwargs.pop("token", None)
-            repo_id = create_repo(repo_id, exist_ok=True, token=token, private=kwargs.pop("private", None)).repo_id
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=save_directory,
-                allow_patterns=["config.json"] + [path.name for path in written],
-                commit_message=commit_message,
-                token=token,
-            )
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def _divisors_near(number: int, target: int) -> list[int]:
@@ -322,122 +362,3 @@ def _divisors_near(number: int, target: int) -> list[int]:
     return sorted(divisors, key=lambda d: abs(d - target))[:3]
 
 
-class RemoteCodeNotFoundError(FileNotFoundError):
-    """The model code to bundle (`modeling_rat.py` and the modules it imports) cannot be found."""
-
-
-# While a model is being saved, the folder its own code was loaded from (see `bundle_code_from`).
-_MODEL_CODE_DIRECTORY: ContextVar[Path | None] = ContextVar("rat_model_code_directory", default=None)
-
-
-@contextmanager
-def bundle_code_from(directory):
-    """
-    While active, `RatConfig.save_pretrained` bundles the model code found in `directory`. `RatPreTrainedModel.
-    save_pretrained` uses it so that a saved model always carries the very code it runs, even when that code was
-    itself loaded with `trust_remote_code` (transformers then keeps the configuration's file and the model's files in
-    different folders of its module cache).
-    """
-    token = _MODEL_CODE_DIRECTORY.set(Path(directory).resolve())
-    try:
-        yield
-    finally:
-        _MODEL_CODE_DIRECTORY.reset(token)
-
-
-def _default_model_code_directory() -> Path | None:
-    """The folder holding `modeling_rat.py`: beside this file (a remote-code folder) or the installed package."""
-    here = Path(__file__).resolve().parent
-    if (here / "modeling_rat.py").is_file():
-        return here
-    try:
-        spec = importlib.util.find_spec("modeling_rat")
-    except (ImportError, ValueError):  # not installed, or made unimportable
-        return None
-    if spec is None or spec.origin is None or not spec.submodule_search_locations:
-        return None
-    return Path(spec.origin).resolve().parent
-
-
-def _bundled_imports(source: Path) -> list[str]:
-    """
-    The sibling modules `source` imports, as transformers' remote-code loader finds them (`from .name import ...`,
-    wherever it appears, even inside `try:`). The loader only handles flat sibling files, so any other relative import
-    is an error here rather than a folder that fails to load on someone else's machine.
-    """
-    tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level > 0:
-            if node.level > 1 or node.module is None or "." in node.module:
-                written = "." * node.level + (node.module or "")
-                raise ValueError(
-                    f"{source.name} line {node.lineno}: `from {written} import ...` cannot be bundled as remote code: "
-                    "transformers only follows `from .module import name` with `module.py` a sibling file."
-                )
-    names = get_relative_imports(source)
-    for name in names:
-        if not re.fullmatch(r"\w+", name):
-            raise ValueError(f"{source.name} imports `.{name}`: only flat sibling modules can be bundled as remote code.")
-    return sorted(names)
-
-
-def remote_code_files(modeling_dir=None) -> dict[str, Path]:
-    """
-    The files of the remote-code bundle, name -> source path: `configuration_rat.py`, `modeling_rat.py` and every
-    sibling module they import, recursively (optional ones such as kernels included: their imports are guarded, the
-    files must still be present for transformers' loader).
-
-    The files are always taken from code that exists, never from a kept copy: `modeling_dir` when given, else the
-    folder of the model being saved (`bundle_code_from`), else this file's own folder when it is a remote-code folder,
-    else the installed `modeling_rat` package. `configuration_rat.py` comes from the same folder when it is there (a
-    flat remote-code folder), else from this file (the installed `configuration_rat` package).
-    """
-    if modeling_dir is None:
-        modeling_dir = _MODEL_CODE_DIRECTORY.get() or _default_model_code_directory()
-    if modeling_dir is None:
-        raise RemoteCodeNotFoundError(
-            f"`modeling_rat.py` is neither beside {Path(__file__).resolve()} nor installed (pip install rat-transformers)."
-        )
-    modeling_dir = Path(modeling_dir).resolve()
-    files: dict[str, Path] = {}
-    pending = ["modeling_rat", "configuration_rat"]
-    while pending:
-        name = pending.pop()
-        if f"{name}.py" in files:
-            continue
-        source = modeling_dir / f"{name}.py"
-        if not source.is_file() and name == "configuration_rat":
-            source = Path(__file__).resolve()
-        if not source.is_file():
-            raise RemoteCodeNotFoundError(
-                f"The model code in {modeling_dir} needs `{name}.py` (imported as `.{name}`), which does not exist there."
-            )
-        files[f"{name}.py"] = source
-        pending.extend(_bundled_imports(source))
-    return dict(sorted(files.items()))
-
-
-def write_remote_code(save_directory, modeling_dir=None) -> list[Path]:
-    """Copy the remote-code bundle (see `remote_code_files`) into `save_directory`; returns the written paths."""
-    files = remote_code_files(modeling_dir)  # resolve everything before writing anything
-    save_directory = Path(save_directory)
-    save_directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, source in files.items():
-        destination = save_directory / name
-        if destination.resolve() != source:
-            shutil.copyfile(source, destination)
-        written.append(destination)
-    return written
-
-
-__all__ = [
-    "RatConfig",
-    "PRESET_SIZES",
-    "PAPER_LAYER_PATTERNS",
-    "RAT_LAYER_TYPES",
-    "RemoteCodeNotFoundError",
-    "bundle_code_from",
-    "remote_code_files",
-    "write_remote_code",
-]

@@ -1,0 +1,1 @@
+"""transformers' own common test mixins run against RAT (see conftest.py and docs/transformers_suite.md)."""
