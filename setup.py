@@ -18,6 +18,9 @@ TRAIN = [
     "matplotlib>=3.8",
 ]
 
+# lm-evaluation-harness (pinned: the version tested) and what the offline tasks in examples/eval_tasks/ score with
+EVAL = ["lm-eval==0.4.13", "rouge-score>=0.1.2", "datasets>=3.0", "matplotlib>=3.8", "tqdm>=4.66"]
+
 setup(
     name="rat-transformers",
     version="0.1.0",
@@ -40,8 +43,9 @@ setup(
         "triton": ["triton>=3.0"],
         "bench": ["matplotlib>=3.8", "tqdm>=4.66", "psutil>=5.9"],
         "train": TRAIN,
+        "eval": EVAL,
         # triton in dev: the kernel tests run on CPUs too, under Triton's interpreter (wheels exist for Linux only)
-        "dev": TRAIN + ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "triton>=3.2; platform_system == 'Linux'"],
+        "dev": TRAIN + EVAL + ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "triton>=3.2; platform_system == 'Linux'"],
     },
     entry_points={
         "console_scripts": [

@@ -25,6 +25,21 @@ from modeling_rat.training import (
 from modeling_rat.training.checkpoints import signals_held
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """
+    Ctrl-C as in a terminal. A test run started in the background by a shell (`pytest &`, nohup) inherits SIGINT
+    ignored, and Python then keeps it ignored: the Ctrl-C tests would see no interruption at all.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _default_ctrl_c():  # in the child of `run_pretraining`, before Python starts (see `ctrl_c_raises`)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 LAYER_PATTERNS = {"rat": ("rat", "rat"), "rnn": ("rnn", "rnn"), "hybrid": ("rat", "sliding_attention")}
 MAX_STEPS, SAVE_STEPS = 6, 3
 
@@ -230,7 +245,7 @@ def run_pretraining(output_dir, *extra, interrupt_at_checkpoint=None):
     command = [sys.executable, str(ROOT / "examples" / "pretrain.py"), *TINY_PRETRAINING, "--output-dir",
                str(output_dir), *extra]
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=_default_ctrl_c)
     if interrupt_at_checkpoint is not None:
         folder = output_dir / interrupt_at_checkpoint
         while process.poll() is None and not folder.exists():
