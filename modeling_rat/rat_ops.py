@@ -475,9 +475,13 @@ def decode_attention(
 
 # ------------------------------------------------------------------------------ fused chunk mixing (CPU)
 
-#: The backward of `chunk_mixing` (and its forward when no gradient is needed) works on blocks of chunks of about
-#: this many tokens (all rows together), holding about 8 KB per token of a block (fp32) besides its inputs.
+#: The backward of `chunk_mixing` works on blocks of chunks of about this many tokens (all rows together), holding
+#: about 8 KB per token of a block (fp32) besides its inputs. Its forward without gradients uses blocks
+#: `INFERENCE_BLOCK_FACTOR` times larger: each block after the first costs a masked kernel call and its own round of
+#: small operations (measured on 2 CPU cores: 0.1-0.3 s per extra block at 32K tokens, D 512), and the forward holds
+#: less per token than the backward.
 MIXING_BLOCK_TOKENS = 8192
+INFERENCE_BLOCK_FACTOR = 4
 
 
 class ChunkMixingOutput(NamedTuple):
@@ -641,7 +645,7 @@ class ChunkMixing(torch.autograd.Function):
         states = gates.new_empty(num_rows, num_chunks, chunk_size, 2, hidden_size) if return_states else None
         inputs = (gates, value, key, query, cos, sin, initial_state)
         # When training, the forward holds less than the backward will, so it runs in one block (fewest operations).
-        block_tokens = None if any(ctx.needs_input_grad) else MIXING_BLOCK_TOKENS
+        block_tokens = None if any(ctx.needs_input_grad) else INFERENCE_BLOCK_FACTOR * MIXING_BLOCK_TOKENS
         for start, end in _chunk_blocks(num_rows, num_chunks, chunk_size, block_tokens):
             block = _MixingBlock(inputs, start, end, num_cached, num_cached_chunks)
             if return_states:
@@ -816,7 +820,13 @@ def chunk_mixing(
     gates (N, C, L, D) fp32; value (N, C, L, D); key, query (N, C, L, G*d), unrotated; cos, sin (N, C, d) the rotary
     angle of each chunk; initial_state (N, 2, D) the state chunk 0 continues; cached_keys/values (N, H, P, d) rotated
     summaries of earlier calls, of which num_cached_chunks (N,) are valid. `return_states` also returns the states.
+
+    CPU tensors only (it calls the CPU flash-attention kernel and its backward directly), and opaque to tracing:
+    on other devices and under torch.compile/torch.export the model uses `composed_chunk_mixing`. A NaN or inf
+    reaches only the tokens that may see it, as with `contain_summary_faults`.
     """
+    if value.device.type != "cpu":
+        raise ValueError(f"chunk_mixing runs on CPU tensors only, got {value.device}: use composed_chunk_mixing.")
     dtype = torch.promote_types(value.dtype, torch.float32)
     cos, sin = cos.to(dtype), sin.to(dtype)
     if initial_state is not None:

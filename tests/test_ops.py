@@ -301,6 +301,15 @@ def test_chunk_mixing_keeps_no_per_token_intermediate(monkeypatch):
     assert all(leaf.grad is not None for leaf in leaves.values())
 
 
+def test_chunk_mixing_refuses_tensors_off_the_cpu():
+    from modeling_rat.rat_ops import chunk_mixing
+
+    leaves, extra = _mixing_inputs(1, 2, 2, 2, 4, 1, torch.float32)
+    on_meta = {name: tensor.to("meta") for name, tensor in {**leaves, **extra}.items()}
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        chunk_mixing(**on_meta, scale=0.5)
+
+
 def test_chunk_mixing_without_gradients_and_with_states_is_the_same_computation():
     from modeling_rat.rat_ops import chunk_mixing
 
