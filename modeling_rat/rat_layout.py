@@ -15,6 +15,8 @@ Three arrangements, from cheapest to most general:
 
 import torch
 
+from .rat_inputs import require_integer_tensor
+
 
 # While tracing (torch.compile, torch.export), grids get at least this many chunks: PyTorch's shape tracing treats a
 # dimension of size 0 or 1 as a special case, so a grid of one or two chunks (one key summary) would tie an export with
@@ -59,12 +61,13 @@ class RatSequenceLayout:
     @classmethod
     def build(
         cls, batch_size, seq_len, device, attention_mask=None, position_ids=None, cached_columns=0,
-        cache_has_padding=False, continues_given_cache=False,
+        cache_has_padding=False, continues_given_cache=False, window_cache=False,
     ):
         """
         The layout of `seq_len` new tokens per row after `cached_columns` cached ones, with clear errors for masks and
         positions that cannot be right. `continues_given_cache`: the caller passed the cache in, to continue it (as
-        generate() does), so no row may be right-padded.
+        generate() does), so no row may be right-padded; `window_cache`: the model has sliding-window layers, whose
+        cache keeps columns, so no row may have padding between real tokens either.
 
         Checks of tensor values are read from the device together with what the layout itself needs on the host: one
         synchronisation per call at most, none for plain inputs (no mask, no position ids); compiled code skips them.
@@ -75,8 +78,8 @@ class RatSequenceLayout:
         key_valid = None
         if attention_mask is not None:
             key_valid = _padding_mask(attention_mask, batch_size, total, cached_columns, seq_len, device, checks)
-            if continues_given_cache:
-                _refuse_right_padding(key_valid, checks)
+            if continues_given_cache and checks.enabled:
+                _refuse_continuing_after_padding(key_valid, cached_columns, window_cache, checks)
         elif cache_has_padding:
             raise ValueError(
                 "The cache holds a padded batch: pass the full `attention_mask` (past and new tokens) with every call, as "
@@ -282,33 +285,40 @@ def _mask_values_error(mask: torch.Tensor) -> ValueError:
     )
 
 
-def _refuse_right_padding(key_valid: torch.Tensor, checks):
+def _refuse_continuing_after_padding(key_valid: torch.Tensor, cached_columns: int, window_cache: bool, checks):
     """
     A batch fed into a given cache is continued after its last column (generate() samples the next token from the
-    logits there and appends it). A right-padded row cannot be: its next token would follow the padding, generate()
-    would read the logits of a padding column, and a sliding-window cache keeps the last columns, padding included,
-    so real tokens would leave the window too early.
+    logits there and appends it). A right-padded row cannot be: its next token would follow the padding, and generate()
+    would have read the logits of a padding column. Padding between real tokens (a hole, which a row also shows after a
+    right-padded prompt was continued) is otherwise harmless, except for a model with sliding-window layers: their
+    cache keeps the last `sliding_window` columns, padding included, so real tokens would leave the window too early.
     """
-    padding_after_token = key_valid[:, :-1] > key_valid[:, 1:]  # a real token, then padding
 
-    def error():
-        row = int(padding_after_token.any(1).nonzero()[0, 0])
-        return ValueError(
-            f"Row {row} of `attention_mask` has padding after its real tokens (right padding), and the batch is fed into "
-            "a given cache, to be continued: its next tokens would follow the padding (generate() would read the "
-            "logits of a padding column). Pad on the left (`tokenizer.padding_side = \"left\"`) for generation and "
-            "caches."
-        )
+    right_padded = _ends_in_padding(key_valid)  # a right-padded prompt, prefilled into the given cache
+    if cached_columns:  # a right-padded prompt in the cache, continued
+        right_padded = right_padded | _ends_in_padding(key_valid[:, :cached_columns])
+    refusals = [(right_padded, (
+        "has padding after its real tokens (right padding), and the batch is fed into a given cache, to be continued: "
+        "its next tokens would follow the padding (generate() would read the logits of a padding column). Pad on the "
+        "left (`tokenizer.padding_side = \"left\"`) for generation and caches."
+    ))]
+    if window_cache:
+        hole = (key_valid[:, :-1] > key_valid[:, 1:]).any(1)  # a real token, then padding
+        refusals.append((hole, (
+            "has padding after real tokens, and the batch continues a given cache of a model with sliding-window "
+            "layers: their cache keeps the last `sliding_window` columns, padding included, so real tokens would leave "
+            "the window too early. Put all padding on the left (`tokenizer.padding_side = \"left\"`) or run without a "
+            "cache."
+        )))
+    for rows, reason in refusals:
+        checks.fail_if(rows.any(), lambda rows=rows, reason=reason: ValueError(
+            f"Row {int(rows.nonzero()[0, 0])} of `attention_mask` {reason}"
+        ))
 
-    checks.fail_if(padding_after_token.any(), error)
 
-
-def require_integer_tensor(name: str, value, meaning: str):
-    """Raise a TypeError unless `value` is a tensor of integers (booleans are not): ids, positions, indices."""
-    if torch.is_tensor(value) and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
-        return
-    kind = value.dtype if torch.is_tensor(value) else type(value).__name__
-    raise TypeError(f"`{name}` must be an integer tensor ({meaning}), got {kind}.")
+def _ends_in_padding(columns: torch.Tensor) -> torch.Tensor:
+    """Rows (B,) whose real tokens are followed by padding up to the last column."""
+    return columns.any(1) & ~columns[:, -1]
 
 
 def _check_position_ids(position_ids, valid, batch_size, seq_len, device, checks) -> torch.Tensor:

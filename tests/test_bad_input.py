@@ -13,7 +13,8 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
 
 from conftest import LAYER_PATTERNS, random_ids, tiny_model
-from modeling_rat.modeling_rat import CACHE_FIELD, logger as modeling_logger
+from modeling_rat.modeling_rat import CACHE_FIELD
+from modeling_rat.rat_inputs import logger as inputs_logger
 from oracles import token_by_token_mixers
 
 
@@ -235,6 +236,37 @@ def test_a_right_padded_batch_runs_but_its_cache_cannot_be_continued(pattern):
                   cache=cache_of(out))
 
 
+HOLE_MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 1, 1, 0, 1]])  # row 1: padding between real tokens
+
+
+@pytest.mark.parametrize("pattern", ["rat", "rnn", "rat+full"])
+def test_padding_between_real_tokens_is_continued_correctly(pattern):
+    """Correct behaviour, not an error (as transformers' generation tests use masks): a row with padding between its
+    real tokens, continued through a given cache token by token, gives the logits of its real tokens alone."""
+    model = model_for(pattern)
+    ids = random_ids(2, 10)
+    mask = torch.cat([HOLE_MASK, torch.ones(2, 2, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        output = model(ids[:, :8], attention_mask=mask[:, :8], use_cache=True)
+        cache, steps = cache_of(output), []
+        for column in (8, 9):
+            steps.append(model(ids[:, column : column + 1], attention_mask=mask[:, : column + 1], cache=cache).logits)
+        real = mask[1].bool()
+        alone = model(ids[1:, real], use_cache=False).logits[0]
+    torch.testing.assert_close(torch.cat(steps, dim=1)[1], alone[-2:], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_between_real_tokens_is_refused_where_a_sliding_window_cache_would_keep_it():
+    """A sliding-window layer's cache keeps the last columns, padding included: with padding between real tokens,
+    real tokens would leave the window early. Refused when such a cache is continued, with what to do."""
+    model = model_for("rat+sliding")
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        cache = cache_of(model(ids[:, :8], attention_mask=HOLE_MASK, use_cache=True))
+        with pytest.raises(ValueError, match="Row 1 .*padding after real tokens.*sliding-window layers.*padding_side"):
+            model(ids[:, 8:], attention_mask=torch.cat([HOLE_MASK, torch.ones(2, 1, dtype=torch.long)], 1), cache=cache)
+
+
 # ----------------------------------------------------------------------------------------- labels, logits_to_keep
 
 
@@ -280,12 +312,12 @@ def test_labels_that_ignore_every_target_warn_that_the_loss_is_nan():
     labels[:, 0] = ids[:, 0]  # labels[:, 0] is never a target (token t predicts token t + 1)
     transformers_logging.warning_once.cache_clear()
     try:
-        with CaptureLogger(modeling_logger) as captured:
+        with CaptureLogger(inputs_logger) as captured:
             loss = model(ids, labels=labels, use_cache=False).loss
         loss.backward()
         assert torch.isnan(loss) and "Every target of a batch is ignored (-100" in captured.out
         assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters() if p.grad is not None)
-        with CaptureLogger(modeling_logger) as captured:  # other micro-batches hold supervised tokens: loss 0, no word
+        with CaptureLogger(inputs_logger) as captured:  # other micro-batches hold supervised tokens: loss 0, no word
             counted = model(ids, labels=labels, use_cache=False, num_items_in_batch=torch.tensor(5)).loss
         assert counted.item() == 0.0 and captured.out == ""
     finally:

@@ -90,8 +90,13 @@ class RatModelTester:
         )
 
     def prepare_config_and_inputs(self):
-        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
-        input_mask = torch.tril(torch.ones_like(input_ids)) if self.use_input_mask else None  # right padding
+        # Ids from 1 up: never the pad token (0). generate() without a mask derives one from the pad token, and random
+        # pad tokens would be padding between real tokens, which RAT refuses to continue where a sliding-window cache
+        # keeps it (tests/test_bad_input.py): real prompts do not hold pad tokens among their tokens.
+        input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size - 1) + 1
+        # Row i: its last i + 1 tokens real, left padding (llama's tester pads on the right: RAT refuses to continue a
+        # right-padded prompt, whose next token generate() would read from a padding column).
+        input_mask = torch.tril(torch.ones_like(input_ids)).flip(-1) if self.use_input_mask else None
         token_labels = ids_tensor([self.batch_size, self.seq_length], self.vocab_size) if self.use_labels else None
         return self.get_config(), input_ids, input_mask, token_labels
 
@@ -173,6 +178,14 @@ class RatCommonTests(ModelTesterMixin, GenerationTesterMixin):
 
     @unittest.skip(reason="RAT models return no attention weights")
     def test_eager_matches_sdpa_inference_24_fp32_pad_left_output_attentions(self):
+        pass
+
+    @unittest.skip(
+        reason="RAT layers attend to chunk summaries, each mixing every token of its chunk: an arbitrary 4-D mask cannot "
+        "be applied to them. RAT takes 2-D padding masks (and packed position_ids) and refuses 4-D masks with a clear "
+        "error (tests/test_modeling.py::test_bad_masks_get_clear_errors)"
+    )
+    def test_custom_4d_attention_mask(self):
         pass
 
     def test_model_outputs_equivalence(self):
