@@ -53,7 +53,7 @@ from .cache_rat import (
 from .rat_backends import RatBackend, select_rat_backend
 from .rat_inputs import validate_loss_inputs, validate_model_inputs
 from .rat_layout import RatSequenceLayout
-from .rat_ops import apply_rotary, attention_containing_faults, rotary_cos_sin, tile_groups
+from .rat_ops import apply_rotary, attention_containing_faults, chunk_mixing, composed_chunk_mixing, rotary_cos_sin, tile_groups
 
 
 from .configuration_rat import RatConfig
@@ -195,67 +195,41 @@ class RatMixer(RatGatedRecurrence):
 
     def _sequence(self, hidden_states, layout, cache_layer, backend):
         """
-        Any number of tokens: the chunk scan on the grid of chunks, then one inter-chunk attention call. Projections
-        are computed where they are needed and dropped after use, which keeps the peak memory low.
+        Any number of tokens: the chunk scan and the inter-chunk attention on the grid of chunks, in one call from
+        the projections to the attention output (on the fast path a blocked function that recomputes the states in
+        its backward, so that a training step keeps little more than the projections).
         """
-        batch_size, seq_len, hidden_size = hidden_states.shape
-        heads, head_dim, chunk_size = self.num_heads, self.head_dim, self.chunk_size
-        groups, copies = self.num_qk_groups, heads // self.num_qk_groups
-        dtype = self.compute_dtype(hidden_states)
+        batch_size, seq_len, _ = hidden_states.shape
         if cache_layer is not None:
-            cache_layer.prepare(batch_size, heads, head_dim, chunk_size, dtype, hidden_states.device)
-        grid = layout.chunk_grid(chunk_size)
+            cache_layer.prepare(
+                batch_size, self.num_heads, self.head_dim, self.chunk_size, self.compute_dtype(hidden_states), hidden_states.device
+            )
+        grid = layout.chunk_grid(self.chunk_size)
         resume = cache_layer.resume(grid.batch_row) if cache_layer is not None else None
-
-        states = backend.gated_chunk_scan(  # (N, C, L, 2, D) fp32: running [value, key] sums
+        cos, sin = rotary_cos_sin(grid.chunk_index, self.head_dim, self.config.rope_theta, torch.float32)  # (N, C, d)
+        # The fused mixing calls the CPU flash kernel directly and is opaque to tracing: eager CPU tensors only.
+        if backend.name == "fast" and hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
+            mixing = chunk_mixing
+        else:
+            mixing = functools.partial(composed_chunk_mixing, backend.gated_chunk_scan, backend.chunk_attention)
+        result = mixing(
             grid.to_grid(self.forget_gate(hidden_states), fill=1.0),
             grid.to_grid(self.v_proj(hidden_states)),
             grid.to_grid(self.k_proj(hidden_states)),
-            resume.initial_state if resume is not None else None,
+            grid.to_grid(self.q_proj(hidden_states)),
+            cos,
+            sin,
+            1.0 / math.sqrt(self.head_dim),
+            *((resume.initial_state, resume.keys, resume.values, resume.num_chunks) if resume is not None else ()),
+            return_states=cache_layer is not None,
         )
-        num_rows, num_chunks = states.shape[:2]
-        running_value, running_key = (  # one backward node for both (selects would each zero-fill a gradient)
-            stream.reshape(num_rows, num_chunks, chunk_size, heads, head_dim) for stream in states.unbind(dim=-2)
-        )
-        # Queries stay in their G groups until the attention call: rotation and the own score need no tiling.
-        query_grid = grid.to_grid(self.q_proj(hidden_states)).float().reshape(
-            num_rows, num_chunks, chunk_size, 1, groups, head_dim
-        )
-        cos, sin = rotary_cos_sin(grid.chunk_index, head_dim, self.config.rope_theta, torch.float32)  # (N, C, d)
-        query_rotated = apply_rotary(query_grid, cos[:, :, None, None, None], sin[:, :, None, None, None])
-        query_rotated = query_rotated.to(dtype).expand(-1, -1, -1, copies, -1, -1).reshape(
-            num_rows, num_chunks, chunk_size, heads, head_dim
-        )
-        own_score = (  # rotation preserves the dot product, so the unrotated query and key give the own score
-            query_grid * running_key.view(num_rows, num_chunks, chunk_size, copies, groups, head_dim)
-        ).sum(-1).reshape(num_rows, num_chunks, chunk_size, heads)
-        key_summaries = apply_rotary(running_key[:, :, -1], cos[:, :, None], sin[:, :, None]).to(dtype)  # (N, C, H, d)
-        value_summaries = running_value[:, :, -1].to(dtype)
-        keys = key_summaries[:, :-1].transpose(1, 2)  # chunk c sees summaries of chunks < c: the last is never a key
-        values = value_summaries[:, :-1].transpose(1, 2)
-        num_cached_chunks = None
-        if resume is not None:
-            keys = torch.cat([resume.keys, keys], dim=2)
-            values = torch.cat([resume.values, values], dim=2)
-            num_cached_chunks = resume.num_chunks
-        attention = backend.chunk_attention(
-            query_rotated.permute(0, 2, 3, 1, 4),
-            own_score.permute(0, 2, 3, 1),
-            running_value.to(dtype).permute(0, 2, 3, 1, 4),
-            keys,
-            values,
-            num_cached_chunks,
-            scale=1.0 / math.sqrt(head_dim),
-        )  # (N, L, H, C, d)
-        del query_rotated, query_grid, own_score, running_key  # free what autograd does not keep
-        attention = attention.permute(0, 3, 1, 2, 4).reshape(num_rows, num_chunks, chunk_size, hidden_size)
         if cache_layer is not None:
             cache_layer.append(
-                grid.batch_row, grid.new_tokens, grid.last_token(states), layout.valid,
-                column_states=lambda: grid.from_grid(states, seq_len),
-                key_summaries=key_summaries, value_summaries=value_summaries,
+                grid.batch_row, grid.new_tokens, grid.last_token(result.states), layout.valid,
+                column_states=lambda: grid.from_grid(result.states, seq_len),
+                key_summaries=result.key_summaries, value_summaries=result.value_summaries,
             )
-        return grid.from_grid(attention, seq_len)
+        return grid.from_grid(result.mixed, seq_len)
 
     def _decode(self, hidden_states, layout, cache_layer, backend):
         """One new column per row on top of the cache: O(chunks) work, no recomputation of the prefix."""

@@ -17,9 +17,11 @@ tokens of padded or packed batches on a grid of chunks live in `rat_layout.py`.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 # ---------------------------------------------------------------------------------------------------- rotary
@@ -136,6 +138,53 @@ class ChunkScan(torch.autograd.Function):
         return grad_gates, grad_inputs, grad_initial if ctx.needs_input_grad[2] else None
 
 
+def _gated_scan_forward(gates, value, key, initial_state):
+    """
+    States (N, C, L, 2, D) of the RAT recurrence from the forget gate and the raw streams: the gated inputs
+    (1 - f) * [v, k tiled] are written straight into the states, which the scan then updates in place.
+    """
+    num_rows, num_chunks, chunk_size, hidden_size = gates.shape
+    copies = hidden_size // key.shape[-1]
+    states = gates.new_empty(num_rows, num_chunks, chunk_size, 2, hidden_size)
+    input_gate = 1 - gates
+    torch.mul(input_gate, value, out=states[..., 0, :])
+    torch.mul(input_gate.unflatten(-1, (copies, -1)), key.unsqueeze(-2), out=states[..., 1, :].unflatten(-1, (copies, -1)))
+    if initial_state is not None:
+        states[:, 0, 0].addcmul_(gates[:, 0, 0].unsqueeze(-2), initial_state)
+    for index in range(1, chunk_size):
+        states[:, :, index].addcmul_(gates[:, :, index].unsqueeze(-2), states[:, :, index - 1])
+    return states
+
+
+def _gated_scan_backward(grad_states, gates, value, key, states, initial_state, grad_gates, grad_value, grad_key):
+    """
+    Reverse scan of `_gated_scan_forward`: writes the gradients of the gates, the value and the (untiled) key into
+    the given tensors and returns the initial state's (or None). Accumulates in place in `grad_states`, which then
+    holds the gradient reaching each state through every later step. With x the ungated stream ([v, k tiled]),
+    h_l = f_l h_{l-1} + (1 - f_l) x_l gives dh_l/df_l = h_{l-1} - x_l and dh_l/dx_l = 1 - f_l.
+    """
+    chunk_size = gates.shape[2]
+    copies = gates.shape[-1] // key.shape[-1]
+    for index in range(chunk_size - 2, -1, -1):
+        grad_states[:, :, index].addcmul_(gates[:, :, index + 1].unsqueeze(-2), grad_states[:, :, index + 1])
+    grad_value_stream, grad_key_stream = grad_states.unbind(dim=-2)
+    value_states, key_states = states.unbind(dim=-2)
+    torch.mul(grad_value_stream[:, :, 1:], value_states[:, :, :-1], out=grad_gates[:, :, 1:])
+    grad_gates[:, :, 1:].addcmul_(grad_key_stream[:, :, 1:], key_states[:, :, :-1])
+    grad_gates[:, :, 0] = 0
+    grad_initial = None
+    if initial_state is not None:
+        grad_gates[:, 0, 0] = (grad_states[:, 0, 0] * initial_state).sum(-2)
+        grad_initial = gates[:, 0, 0].unsqueeze(-2) * grad_states[:, 0, 0]
+    grad_gates.addcmul_(grad_value_stream, value, value=-1)
+    grad_key_tiled = grad_key_stream.unflatten(-1, (copies, -1))
+    grad_gates.unflatten(-1, (copies, -1)).addcmul_(grad_key_tiled, key.unsqueeze(-2), value=-1)
+    input_gate = 1 - gates
+    torch.mul(input_gate, grad_value_stream, out=grad_value)
+    torch.sum(grad_key_tiled.mul_(input_gate.unflatten(-1, (copies, -1))), dim=-2, out=grad_key)
+    return grad_initial
+
+
 class GatedChunkScan(torch.autograd.Function):
     """
     The RAT recurrence from the gate and the raw streams: inputs (1 - f) * [v, k_tiled] are formed inside, so
@@ -144,25 +193,17 @@ class GatedChunkScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates, value, key, initial_state):
-        input_gate = 1 - gates
-        copies = value.shape[-1] // key.shape[-1]
-        inputs = torch.stack([input_gate * value, (input_gate.unflatten(-1, (copies, -1)) * key.unsqueeze(-2)).flatten(-2)], dim=-2)
-        del input_gate
-        states = _scan_forward(gates, inputs, initial_state)
+        states = _gated_scan_forward(gates, value, key, initial_state)
         ctx.save_for_backward(gates, value, key, states, initial_state)
         return states
 
     @staticmethod
     def backward(ctx, grad_states):
         gates, value, key, states, initial_state = ctx.saved_tensors
-        grad_inputs, grad_gates, grad_initial = _scan_backward(gates, states, initial_state, grad_states)
-        grad_value_input, grad_key_input = grad_inputs.unbind(dim=-2)
-        copies = value.shape[-1] // key.shape[-1]
-        key_tiled_grad = grad_key_input.unflatten(-1, (copies, -1))
-        grad_gates -= grad_value_input * value + (key_tiled_grad * key.unsqueeze(-2)).flatten(-2)
-        input_gate = 1 - gates
-        grad_value = input_gate * grad_value_input
-        grad_key = (input_gate.unflatten(-1, (copies, -1)) * key_tiled_grad).sum(-2)
+        grad_gates, grad_value, grad_key = torch.empty_like(gates), torch.empty_like(value), torch.empty_like(key)
+        grad_initial = _gated_scan_backward(
+            grad_states.clone(), gates, value, key, states, initial_state, grad_gates, grad_value, grad_key
+        )
         return grad_gates, grad_value, grad_key, grad_initial if ctx.needs_input_grad[3] else None
 
 
@@ -430,6 +471,419 @@ def decode_attention(
     weights = torch.cat([own_score.float().unsqueeze(-1), scores], dim=-1).mul(scale).softmax(dim=-1)
     out = torch.matmul(weights[..., 1:].unsqueeze(2).to(value_summaries.dtype), value_summaries).squeeze(2)
     return (out.float() + weights[..., :1] * own_value.float()).to(own_value.dtype)
+
+
+# ------------------------------------------------------------------------------ fused chunk mixing (CPU)
+
+#: The backward of `chunk_mixing` works on blocks of chunks of about this many tokens (all rows together), holding
+#: about 8 KB per token of a block (fp32) besides its inputs. Its forward without gradients uses blocks
+#: `INFERENCE_BLOCK_FACTOR` times larger: each block after the first costs a masked kernel call and its own round of
+#: small operations (measured on 2 CPU cores: 0.1-0.3 s per extra block at 32K tokens, D 512), and the forward holds
+#: less per token than the backward.
+MIXING_BLOCK_TOKENS = 8192
+INFERENCE_BLOCK_FACTOR = 4
+
+
+class ChunkMixingOutput(NamedTuple):
+    mixed: torch.Tensor  # (N, C, L, H*d): every token's attention output, in the dtype of `value`
+    key_summaries: torch.Tensor  # (N, C, H, d): each chunk's running key at its end, rotated
+    value_summaries: torch.Tensor  # (N, C, H, d)
+    states: torch.Tensor | None  # (N, C, L, 2, H*d) fp32 running [value, key] sums, when asked for
+
+
+def _chunk_blocks(num_rows: int, num_chunks: int, chunk_size: int, block_tokens: int | None) -> list[tuple[int, int]]:
+    """Ranges [start, end) of chunks processed together, about `block_tokens` tokens over all rows (None: one block)."""
+    step = num_chunks if block_tokens is None else max(1, block_tokens // (num_rows * chunk_size))
+    return [(start, min(start + step, num_chunks)) for start in range(0, num_chunks, step)]
+
+
+def _block_mask(start, end, num_cached, num_cached_chunks, device):
+    """
+    Additive mask (N or 1, 1, end - start, num_cached + end) of what query chunks [start, end) see among the slots
+    [own, cached summaries, summaries of chunks 0 .. end - 2]; None when top-left causal order is exactly that.
+    Query chunk c sees the own slot, the first num_cached_chunks[n] cached slots and the summaries of chunks < c,
+    that is, every slot up to num_cached + c except the cached ones past the row's count.
+    """
+    if start == 0 and num_cached == 0:
+        return None
+    slot = torch.arange(num_cached + end, device=device)
+    hidden = slot > (num_cached + torch.arange(start, end, device=device))[:, None]  # (Cb, K)
+    if num_cached:
+        invalid_cached = (slot > num_cached_chunks[:, None]) & (slot <= num_cached)  # (N, K)
+        hidden = hidden | invalid_cached[:, None, :]
+    mask = torch.where(hidden, float("-inf"), 0.0)  # (Cb, K), or (N, Cb, K) with cached slots
+    return mask.unsqueeze(-3) if num_cached else mask[None, None]
+
+
+def _as_heads(tensor):
+    """(N, Cb, H, L, ...) -> (N, H * L, Cb, ...): the layout of the SDPA kernel's queries, as a view."""
+    return tensor.flatten(2, 3).transpose(1, 2)
+
+
+def _from_heads(tensor, num_heads):
+    """Inverse of `_as_heads`."""
+    return tensor.transpose(1, 2).unflatten(2, (num_heads, -1))
+
+
+def _add_rotated(target, x, cos, sin):
+    """`target += apply_rotary(x, cos, sin)` in three in-place operations."""
+    half = x.shape[-1] // 2
+    target.addcmul_(x, cos)
+    target[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    target[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return target
+
+
+def _rotated(x, cos, sin):
+    """`apply_rotary(x, cos, sin)` in three operations, for code that autograd does not trace."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
+def _zero_faulty_slots(key_slots, value_slots, slots: slice) -> torch.Tensor:
+    """Zeroes the key and value slots `slots` (N, H, slots, d + 2) that hold a NaN or inf; returns which (N, H, slots)."""
+    faulty = holds_nonfinite(key_slots[:, :, slots], value_slots[:, :, slots], dim=-1)
+    key_slots[:, :, slots].masked_fill_(faulty[..., None], 0.0)
+    value_slots[:, :, slots].masked_fill_(faulty[..., None], 0.0)
+    return faulty
+
+
+_flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_attention_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _MixingBlock:
+    """
+    Chunks [start, end) of every row: their inputs, states (recomputed), own scores and rotated queries, and the
+    pieces of the SDPA call. The heads of the call are the augmented heads of `chunk_attention` with one coordinate
+    more, zero in queries, keys and values (see `ChunkMixing`): width d + 2.
+    """
+
+    def __init__(self, inputs, start, end, num_cached, num_cached_chunks):
+        gates, value, key, query, cos, sin, initial_state = inputs
+        self.start, self.end, self.num_slots = start, end, num_cached + end
+        self.gates, self.value, self.key = gates[:, start:end], value[:, start:end], key[:, start:end]
+        self.cos, self.sin = cos[:, start:end, None, None], sin[:, start:end, None, None]
+        head_dim = cos.shape[-1]
+        self.groups = query.shape[-1] // head_dim
+        self.heads, self.copies = gates.shape[-1] // head_dim, gates.shape[-1] // query.shape[-1]
+        self.initial_state = initial_state if start == 0 else None
+        self.states = _gated_scan_forward(self.gates, self.value, self.key, self.initial_state)
+        self.running_value, self.running_key = (
+            stream.unflatten(-1, (self.heads, head_dim)) for stream in self.states.unbind(dim=-2)
+        )  # (N, Cb, L, H, d)
+        self.query = query[:, start:end].to(gates.dtype).unflatten(-1, (self.groups, head_dim))  # (N, Cb, L, G, d)
+        # q . k_own per head (N, Cb, H, L): the unrotated query and key (rotation preserves the dot product)
+        self.own_score = (
+            self.running_key.unflatten(3, (self.copies, self.groups)) * self.query.unsqueeze(3)
+        ).sum(-1).flatten(3).transpose(2, 3)
+        self.rotated_query = _rotated(self.query, self.cos, self.sin)
+        self.mask = _block_mask(start, end, num_cached, num_cached_chunks, gates.device)
+
+    def augmented_query(self, copies: slice, dtype):
+        """(N, Cb, h, L, d + 2): [rotated query, own score, 0] for the heads of `copies` (h = G per copy), the L
+        tokens of a chunk as the kernel's query heads h * L + l."""
+        num_rows, num_chunks, chunk_size, groups, head_dim = self.query.shape
+        shape = (num_rows, num_chunks, copies.stop - copies.start, groups, chunk_size)
+        own_score = self.own_score[:, :, copies.start * groups : copies.stop * groups].unflatten(2, (-1, groups))
+        query = torch.cat(
+            [
+                self.rotated_query.transpose(2, 3).unsqueeze(2).expand(*shape, head_dim).to(dtype),
+                own_score.unsqueeze(-1).to(dtype),
+                own_score.new_zeros((), dtype=dtype).expand(*shape, 1),
+            ],
+            dim=-1,
+        )
+        return query.flatten(2, 3)
+
+    def head_groups(self):
+        """The kernel's backward runs on half of the copies of the heads at a time (half the working memory)."""
+        middle = (self.copies + 1) // 2
+        return [slice(0, middle), slice(middle, self.copies)] if self.copies > 1 else [slice(0, 1)]
+
+
+class ChunkMixing(torch.autograd.Function):
+    """
+    `chunk_mixing` on the CPU. Autograd keeps only the inputs (gates and projections, kept by their producers anyway),
+    the log-sum-exp per token and head and the key/value slots (1/L of the tokens): the backward works block by
+    block of chunks, recomputes each block's states, own scores and augmented queries, and calls the flash kernel's
+    backward directly.
+
+    Not even the output is kept. The kernel reads its output only through the row sums `grad_out . out`, which for
+    the augmented output [attended, own weight] equal `grad_mixed . mixed` per token and head; `_MixingRowSums`,
+    applied to the output, computes them in its backward and hands them back as the gradient of the second output,
+    `row_sums`. The augmented heads carry one coordinate more, zero in queries, keys and values, where the backward
+    puts 1 in the output's gradient and the row sum in the output.
+    """
+
+    @staticmethod
+    def forward(ctx, gates, value, key, query, cos, sin, initial_state, cached_keys, cached_values, num_cached_chunks, scale, return_states):
+        num_rows, num_chunks, chunk_size, hidden_size = gates.shape
+        head_dim = cos.shape[-1]
+        heads = hidden_size // head_dim
+        num_cached = 0 if cached_keys is None else cached_keys.shape[2]
+        # Slots [own, cached summaries, summaries of chunks 0 .. C-2]: keys [K, 0, 0] and own [0, 1, 0], values alike.
+        key_slots = value.new_zeros(num_rows, heads, num_cached + num_chunks, head_dim + 2)
+        key_slots[:, :, 0, head_dim] = 1
+        value_slots = key_slots.clone()
+        # Fault containment as in `contain_summary_faults`: slots holding a NaN or inf are zeroed for the kernel, and
+        # the output of every query chunk that may see one is set to NaN. `seen_fault` (N, H): one was seen so far.
+        seen_fault = gates.new_zeros(num_rows, heads, dtype=torch.bool)
+        if num_cached:
+            key_slots[:, :, 1 : 1 + num_cached, :head_dim] = cached_keys
+            value_slots[:, :, 1 : 1 + num_cached, :head_dim] = cached_values
+            faulty = _zero_faulty_slots(key_slots, value_slots, slice(1, 1 + num_cached))  # (N, H, P)
+            valid = torch.arange(num_cached, device=gates.device) < num_cached_chunks[:, None]  # (N, P)
+            seen_fault = (faulty & valid[:, None]).any(-1)
+        key_summaries = value.new_empty(num_rows, num_chunks, heads, head_dim)
+        value_summaries = torch.empty_like(key_summaries)
+        mixed = value.new_empty(num_rows, num_chunks, chunk_size, hidden_size)
+        log_normalizer = gates.new_empty(num_rows, num_chunks, heads, chunk_size)
+        states = gates.new_empty(num_rows, num_chunks, chunk_size, 2, hidden_size) if return_states else None
+        inputs = (gates, value, key, query, cos, sin, initial_state)
+        # When training, the forward holds less than the backward will, so it runs in one block (fewest operations).
+        block_tokens = None if any(ctx.needs_input_grad) else INFERENCE_BLOCK_FACTOR * MIXING_BLOCK_TOKENS
+        for start, end in _chunk_blocks(num_rows, num_chunks, chunk_size, block_tokens):
+            block = _MixingBlock(inputs, start, end, num_cached, num_cached_chunks)
+            if return_states:
+                states[:, start:end] = block.states
+            key_summaries[:, start:end] = _rotated(block.running_key[:, :, -1], block.cos[:, :, 0], block.sin[:, :, 0])
+            value_summaries[:, start:end] = block.running_value[:, :, -1]
+            keys_end = min(end, num_chunks - 1)  # the last chunk's summary is nobody's key
+            faulty = seen_fault.new_zeros(num_rows, heads, end - start)  # (N, H, Cb): the chunk's summary is faulty
+            if keys_end > start:
+                slots = slice(1 + num_cached + start, 1 + num_cached + keys_end)
+                key_slots[:, :, slots, :head_dim] = key_summaries[:, start:keys_end].transpose(1, 2)
+                value_slots[:, :, slots, :head_dim] = value_summaries[:, start:keys_end].transpose(1, 2)
+                faulty[..., : keys_end - start] = _zero_faulty_slots(key_slots, value_slots, slots)
+            sees_fault = seen_fault[..., None] | (faulty.cumsum(-1) > faulty)  # chunk c sees the summaries of chunks < c
+            seen_fault = sees_fault[..., -1] | faulty[..., -1]
+            out, lse = _flash_attention(
+                _as_heads(block.augmented_query(slice(0, block.copies), value.dtype)), key_slots[:, :, : block.num_slots],
+                value_slots[:, :, : block.num_slots], 0.0, block.mask is None, attn_mask=block.mask, scale=scale,
+            )
+            lse = _from_heads(lse, heads)  # (N, Cb, H, L)
+            log_normalizer[:, start:end] = lse
+            own_weight = torch.exp(block.own_score * scale - lse)
+            mixed_block = mixed[:, start:end].unflatten(-1, (heads, head_dim))  # (N, Cb, L, H, d)
+            mixed_block.copy_(_from_heads(out, heads)[..., :head_dim].transpose(2, 3))
+            mixed_block.addcmul_(own_weight.transpose(2, 3).unsqueeze(-1), block.running_value)
+            if sees_fault.any():  # (CPU tensors: no synchronisation to avoid)
+                mixed_block.add_(nan_where(sees_fault.transpose(1, 2))[:, :, None, :, None].to(mixed.dtype))
+            del block, out, lse, own_weight, mixed_block
+        ctx.save_for_backward(gates, value, key, query, cos, sin, initial_state, num_cached_chunks, log_normalizer, key_slots, value_slots)
+        ctx.scale, ctx.num_cached = scale, num_cached
+        ctx.mark_non_differentiable(key_summaries, value_summaries, *([states] if return_states else []))
+        ctx.set_materialize_grads(False)
+        row_sums = gates.new_zeros(()).expand(num_rows, num_chunks, chunk_size, heads)
+        return mixed, row_sums, key_summaries, value_summaries, states
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mixed, row_sums, *unused):
+        if grad_mixed is None:
+            return (None,) * 12
+        gates, value, key, query, cos, sin, initial_state, num_cached_chunks, log_normalizer, key_slots, value_slots = ctx.saved_tensors
+        num_rows, num_chunks, chunk_size, hidden_size = gates.shape
+        grad_gates, grad_key, grad_query = (torch.empty_like(t) for t in (gates, key, query))
+        # `grad_mixed` is a copy made for this backward (see `_MixingRowSums`): each block's slice, once used, takes the
+        # value's gradient (same shape and dtype), which saves a tensor the size of the value.
+        grad_value = grad_mixed
+        grad_slots = (torch.zeros_like(key_slots, dtype=gates.dtype), torch.zeros_like(value_slots, dtype=gates.dtype))
+        grad_initial = None
+        inputs = (gates, value, key, query, cos, sin, initial_state)
+        for start, end in reversed(_chunk_blocks(num_rows, num_chunks, chunk_size, MIXING_BLOCK_TOKENS)):
+            block = _MixingBlock(inputs, start, end, ctx.num_cached, num_cached_chunks)
+            grad_states = _mixing_block_backward(
+                block, grad_mixed[:, start:end], row_sums[:, start:end], log_normalizer[:, start:end], key_slots,
+                value_slots, grad_slots, ctx.scale, ctx.num_cached, num_chunks, grad_query[:, start:end],
+            )
+            block_grad_initial = _gated_scan_backward(
+                grad_states, block.gates, block.value, block.key, block.states, block.initial_state,
+                grad_gates[:, start:end], grad_value[:, start:end], grad_key[:, start:end],
+            )
+            if start == 0:
+                grad_initial = block_grad_initial
+            del block, grad_states
+        grad_cached_keys = grad_cached_values = None
+        if ctx.num_cached:
+            cached = slice(1, 1 + ctx.num_cached)
+            grad_cached_keys = grad_slots[0][:, :, cached, : cos.shape[-1]].to(key_slots.dtype)
+            grad_cached_values = grad_slots[1][:, :, cached, : cos.shape[-1]].to(value_slots.dtype)
+        return (
+            grad_gates, grad_value if ctx.needs_input_grad[1] else None, grad_key, grad_query, None, None, grad_initial,
+            grad_cached_keys, grad_cached_values, None, None, None,
+        )
+
+
+def _mixing_block_backward(block, grad_mixed, row_sums, lse, key_slots, value_slots, grad_slots, scale, num_cached, num_chunks, grad_query):
+    """
+    The attention part of `ChunkMixing.backward` for one block: the kernel's backward (adding to the slots'
+    gradients `grad_slots`), the query's gradient (written into `grad_query`), and the gradient reaching the block's
+    states (returned), for the reverse scan.
+    """
+    heads, groups, head_dim = block.heads, block.groups, block.query.shape[-1]
+    dtype = key_slots.dtype
+    own_weight = torch.exp(block.own_score * scale - lse)  # (N, Cb, H, L)
+    grad_block = grad_mixed.unflatten(-1, (heads, head_dim))  # (N, Cb, L, H, d)
+    # The kernel's output is [attended, own weight, 0]: its gradient is [g, g . v_own, 1] (dL/dp = g . v_own), and an
+    # "output" [0, 0, row sum] has the real one's row sums with it (see `ChunkMixing`).
+    grad_own_weight = (grad_block * block.running_value).sum(-1).transpose(2, 3).to(dtype)
+    row_sums = row_sums.transpose(2, 3).to(dtype)
+    grad_own_score = torch.empty_like(own_weight)
+    grad_rotated = None  # (N, Cb, L, G, d)
+    for copies in block.head_groups():
+        head_range = slice(copies.start * groups, copies.stop * groups)
+        shape = lse[:, :, head_range].shape
+        grad_out = torch.cat(
+            [grad_block[:, :, :, head_range].transpose(2, 3), grad_own_weight[:, :, head_range, :, None],
+             grad_own_weight.new_ones(()).expand(*shape, 1)],
+            dim=-1,
+        )
+        out = torch.cat([row_sums.new_zeros(()).expand(*shape, head_dim + 1), row_sums[:, :, head_range, :, None]], dim=-1)
+        grad_query_aug, grad_keys, grad_values = _flash_attention_backward(
+            _as_heads(grad_out), _as_heads(block.augmented_query(copies, dtype)),
+            key_slots[:, head_range, : block.num_slots], value_slots[:, head_range, : block.num_slots], _as_heads(out),
+            _as_heads(lse[:, :, head_range]), 0.0, block.mask is None, attn_mask=block.mask, scale=scale,
+        )
+        del grad_out, out
+        grad_slots[0][:, head_range, : block.num_slots] += grad_keys
+        grad_slots[1][:, head_range, : block.num_slots] += grad_values
+        grad_query_aug = _from_heads(grad_query_aug, head_range.stop - head_range.start)  # (N, Cb, h, L, d + 2)
+        grad_own_score[:, :, head_range] = grad_query_aug[..., head_dim]
+        group_grad = grad_query_aug[..., :head_dim].unflatten(2, (-1, groups)).sum(2).transpose(2, 3)
+        grad_rotated = group_grad if grad_rotated is None else grad_rotated.add_(group_grad)
+        del grad_query_aug, grad_keys, grad_values, group_grad
+    grad_own_score = grad_own_score.transpose(2, 3)  # (N, Cb, L, H)
+    # The query's gradient: back through the rotation (the inverse rotation), and through the own scores.
+    grad_query_block = grad_query.view_as(block.query)
+    torch.sum(
+        (grad_own_score.unsqueeze(-1) * block.running_key).unflatten(3, (block.copies, groups)), dim=3, out=grad_query_block
+    )
+    _add_rotated(grad_query_block, grad_rotated.to(grad_query.dtype), block.cos, -block.sin)
+    del grad_rotated
+    # The gradient reaching the states: the own value's (weight p), the own score's (the query), and, at each chunk's
+    # last token, its summaries' (the key's back through the rotation).
+    grad_states = torch.empty_like(block.states)
+    grad_value_stream, grad_key_stream = (s.unflatten(-1, (heads, head_dim)) for s in grad_states.unbind(dim=-2))
+    torch.mul(own_weight.transpose(2, 3).unsqueeze(-1), grad_block, out=grad_value_stream)
+    torch.mul(
+        grad_own_score.unflatten(-1, (block.copies, groups)).unsqueeze(-1), block.query.unsqueeze(3),
+        out=grad_key_stream.unflatten(3, (block.copies, groups)),
+    )
+    keys_end = min(block.end, num_chunks - 1)
+    if keys_end > block.start:
+        count = keys_end - block.start
+        slots = slice(1 + num_cached + block.start, 1 + num_cached + keys_end)
+        grad_value_stream[:, :count, -1] += grad_slots[1][:, :, slots, :head_dim].transpose(1, 2)
+        _add_rotated(
+            grad_key_stream[:, :count, -1], grad_slots[0][:, :, slots, :head_dim].transpose(1, 2),
+            block.cos[:, :count, 0], -block.sin[:, :count, 0],
+        )
+    return grad_states
+
+
+class _MixingRowSums(torch.autograd.Function):
+    """
+    Identity on `ChunkMixing`'s output whose backward also returns, as the gradient of `row_sums`, the row sums
+    `grad_mixed . mixed` per token and head that `ChunkMixing`'s backward needs (so that it does not keep its output).
+    """
+
+    @staticmethod
+    def forward(ctx, mixed, row_sums):
+        ctx.save_for_backward(mixed)
+        ctx.num_heads = row_sums.shape[-1]
+        return mixed
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mixed):
+        (mixed,) = ctx.saved_tensors
+        heads = ctx.num_heads
+        compute = torch.promote_types(mixed.dtype, torch.float32)
+        row_sums = (grad_mixed.unflatten(-1, (heads, -1)).to(compute) * mixed.unflatten(-1, (heads, -1))).sum(-1)
+        # A copy that only `ChunkMixing.backward` sees, so that it may write into it.
+        return grad_mixed.clone(memory_format=torch.contiguous_format), row_sums
+
+
+def chunk_mixing(
+    gates, value, key, query, cos, sin, scale, initial_state=None, cached_keys=None, cached_values=None,
+    num_cached_chunks=None, return_states=False,
+) -> ChunkMixingOutput:
+    """
+    The RAT mixing on a grid of chunks, from the forget gate and the projections to every token's attention output:
+    the gated chunk scan, the own scores, the chunk summaries and the single softmax over them (`chunk_attention`).
+
+    gates (N, C, L, D) fp32; value (N, C, L, D); key, query (N, C, L, G*d), unrotated; cos, sin (N, C, d) the rotary
+    angle of each chunk; initial_state (N, 2, D) the state chunk 0 continues; cached_keys/values (N, H, P, d) rotated
+    summaries of earlier calls, of which num_cached_chunks (N,) are valid. `return_states` also returns the states.
+
+    CPU tensors only (it calls the CPU flash-attention kernel and its backward directly), and opaque to tracing:
+    on other devices and under torch.compile/torch.export the model uses `composed_chunk_mixing`. A NaN or inf
+    reaches only the tokens that may see it, as with `contain_summary_faults`.
+    """
+    if value.device.type != "cpu":
+        raise ValueError(f"chunk_mixing runs on CPU tensors only, got {value.device}: use composed_chunk_mixing.")
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    if initial_state is not None:
+        initial_state = initial_state.to(dtype)
+    mixed, row_sums, key_summaries, value_summaries, states = ChunkMixing.apply(
+        gates.to(dtype), value, key, query, cos, sin, initial_state, cached_keys, cached_values, num_cached_chunks,
+        scale, return_states,
+    )
+    return ChunkMixingOutput(_MixingRowSums.apply(mixed, row_sums), key_summaries, value_summaries, states)
+
+
+def composed_chunk_mixing(
+    scan, attention, gates, value, key, query, cos, sin, scale, initial_state=None, cached_keys=None,
+    cached_values=None, num_cached_chunks=None, return_states=False,
+) -> ChunkMixingOutput:
+    """
+    `chunk_mixing` from a backend's two functions: `scan` (a `gated_chunk_scan`) gives the states, from which the
+    own scores, own values and summaries are formed for `attention` (a `chunk_attention`). Plain autograd around
+    them, so autograd keeps whatever they and these steps keep.
+    """
+    num_rows, num_chunks, chunk_size, hidden_size = gates.shape
+    head_dim = cos.shape[-1]
+    heads, groups = hidden_size // head_dim, query.shape[-1] // head_dim
+    copies = heads // groups
+    dtype = value.dtype
+    states = scan(gates, value, key, initial_state)  # (N, C, L, 2, D) fp32: running [value, key] sums
+    running_value, running_key = (  # one backward node for both (selects would each zero-fill a gradient)
+        stream.reshape(num_rows, num_chunks, chunk_size, heads, head_dim) for stream in states.unbind(dim=-2)
+    )
+    # Queries stay in their G groups until the attention call: rotation and the own score need no tiling.
+    query_grid = query.float().reshape(num_rows, num_chunks, chunk_size, 1, groups, head_dim)
+    cos, sin = cos.float(), sin.float()
+    query_rotated = apply_rotary(query_grid, cos[:, :, None, None, None], sin[:, :, None, None, None])
+    query_rotated = query_rotated.to(dtype).expand(-1, -1, -1, copies, -1, -1).reshape(
+        num_rows, num_chunks, chunk_size, heads, head_dim
+    )
+    own_score = (  # rotation preserves the dot product, so the unrotated query and key give the own score
+        query_grid * running_key.view(num_rows, num_chunks, chunk_size, copies, groups, head_dim)
+    ).sum(-1).reshape(num_rows, num_chunks, chunk_size, heads)
+    key_summaries = apply_rotary(running_key[:, :, -1], cos[:, :, None], sin[:, :, None]).to(dtype)  # (N, C, H, d)
+    value_summaries = running_value[:, :, -1].to(dtype)
+    keys = key_summaries[:, :-1].transpose(1, 2)  # chunk c sees summaries of chunks < c: the last is never a key
+    values = value_summaries[:, :-1].transpose(1, 2)
+    if cached_keys is not None:
+        keys = torch.cat([cached_keys, keys], dim=2)
+        values = torch.cat([cached_values, values], dim=2)
+    mixed = attention(
+        query_rotated.permute(0, 2, 3, 1, 4),
+        own_score.permute(0, 2, 3, 1),
+        running_value.to(dtype).permute(0, 2, 3, 1, 4),
+        keys,
+        values,
+        num_cached_chunks if cached_keys is not None else None,
+        scale=scale,
+    )  # (N, L, H, C, d)
+    mixed = mixed.permute(0, 3, 1, 2, 4).reshape(num_rows, num_chunks, chunk_size, hidden_size)
+    return ChunkMixingOutput(mixed, key_summaries, value_summaries, states if return_states else None)
 
 
 def sliding_window_attention(query, key, value, window: int, block_size: int | None = None) -> torch.Tensor:

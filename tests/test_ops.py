@@ -153,3 +153,171 @@ def test_gated_chunk_scan_forms_the_gated_inputs_like_the_plain_scan(with_initia
     for got, want in zip(_grads(actual, leaves, weight), _grads(expected, leaves, weight)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda g, v, k: GatedChunkScan.apply(g, v, k, None), (gates, value, key))
+
+
+# --------------------------------------------------------------------------------------- fused chunk mixing
+
+
+def _mixing_inputs(rows, chunks, chunk_size, heads, head_dim, groups, dtype, num_cached=0, initial_state=False, seed=0):
+    """Leaves of `chunk_mixing` (gates, value, key, query, optional initial state and cached slots) and cos/sin."""
+    from modeling_rat.rat_ops import rotary_cos_sin
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape, low_precision=True, uniform=False):
+        sample = torch.rand(*shape, generator=generator, dtype=torch.float64) if uniform else torch.randn(
+            *shape, generator=generator, dtype=torch.float64
+        )
+        return sample.to(dtype if low_precision else torch.promote_types(dtype, torch.float32))
+
+    hidden = heads * head_dim
+    leaves = {
+        "gates": draw(rows, chunks, chunk_size, hidden, low_precision=False, uniform=True),
+        "value": draw(rows, chunks, chunk_size, hidden),
+        "key": draw(rows, chunks, chunk_size, groups * head_dim),
+        "query": draw(rows, chunks, chunk_size, groups * head_dim),
+    }
+    if initial_state:
+        leaves["initial_state"] = draw(rows, 2, hidden, low_precision=False)
+    if num_cached:
+        leaves["cached_keys"] = draw(rows, heads, num_cached, head_dim)
+        leaves["cached_values"] = draw(rows, heads, num_cached, head_dim)
+    first_chunk = torch.randint(0, 4, (rows,), generator=generator)
+    cos, sin = rotary_cos_sin(first_chunk[:, None] + torch.arange(chunks), head_dim, 10000.0, torch.float32)
+    extra = {"cos": cos.to(leaves["gates"].dtype), "sin": sin.to(leaves["gates"].dtype)}
+    if num_cached:
+        extra["num_cached_chunks"] = torch.arange(rows) % (num_cached + 1)  # 0 .. num_cached valid slots per row
+    return leaves, extra
+
+
+def _reference_mixing(composition=None, **kwargs):
+    """`composed_chunk_mixing` of the plain references (or of the functions `composition` names)."""
+    from modeling_rat.rat_ops import composed_chunk_mixing, gated_chunk_scan_reference
+
+    return composed_chunk_mixing(*(composition or (gated_chunk_scan_reference, chunk_attention_reference)), **kwargs)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-5), (torch.bfloat16, 4e-2)])
+@pytest.mark.parametrize("block_tokens", [4, 24, 4096])
+@pytest.mark.parametrize(
+    "rows, chunks, chunk_size, heads, groups, num_cached, initial_state",
+    [(2, 5, 3, 4, 2, 0, False), (3, 7, 1, 2, 2, 3, True), (1, 9, 4, 4, 1, 0, True), (2, 4, 16, 2, 1, 2, False)],
+)
+def test_chunk_mixing_equals_the_composed_reference(
+    monkeypatch, dtype, tolerance, block_tokens, rows, chunks, chunk_size, heads, groups, num_cached, initial_state
+):
+    """The fused CPU mixing (blocks of chunks, hand-written backward) against the plain references composed as the
+    model composed them: outputs, summaries, states and the gradient of every input, at odd sizes, from one block to
+    blocks of one chunk, with and without an initial state and cached summaries."""
+    from modeling_rat import rat_ops
+
+    monkeypatch.setattr(rat_ops, "MIXING_BLOCK_TOKENS", block_tokens)
+    leaves, extra = _mixing_inputs(rows, chunks, chunk_size, heads, 8, groups, dtype, num_cached, initial_state)
+    fused_leaves = {name: leaf.clone().requires_grad_() for name, leaf in leaves.items()}
+    reference_leaves = {name: leaf.float().requires_grad_() for name, leaf in leaves.items()}
+    reference_extra = {name: value.float() if value.is_floating_point() else value for name, value in extra.items()}
+    actual = rat_ops.chunk_mixing(**fused_leaves, **extra, scale=0.3, return_states=True)
+    expected = _reference_mixing(**reference_leaves, **reference_extra, scale=0.3, return_states=True)
+    assert actual.mixed.dtype == dtype and actual.states.dtype == torch.float32
+    for name in ("mixed", "key_summaries", "value_summaries", "states"):
+        torch.testing.assert_close(getattr(actual, name).float(), getattr(expected, name).float(), rtol=tolerance, atol=tolerance, msg=name)
+    weight = torch.randn(expected.mixed.shape, generator=torch.Generator().manual_seed(1))
+    actual_grads = _grads(actual.mixed.float(), list(fused_leaves.values()), weight)
+    expected_grads = _grads(expected.mixed, list(reference_leaves.values()), weight)
+    for name, got, want in zip(fused_leaves, actual_grads, expected_grads):
+        assert got.dtype == fused_leaves[name].dtype, name
+        # relative to the largest gradient: bf16 rounds the inputs of both sides the same way, not the steps
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=tolerance * want.abs().max().item(), msg=name)
+    with torch.no_grad():  # without gradients the forward itself runs block by block
+        inference = rat_ops.chunk_mixing(**leaves, **extra, scale=0.3, return_states=True)
+    for name in ("mixed", "key_summaries", "value_summaries", "states"):
+        torch.testing.assert_close(getattr(inference, name).float(), getattr(expected, name).float(), rtol=tolerance, atol=tolerance, msg=name)
+
+
+@pytest.mark.parametrize("block_tokens", [3, 4096])
+def test_chunk_mixing_contains_faults_like_the_fast_composition(monkeypatch, block_tokens):
+    """A NaN or inf in a token's summary reaches the later chunks of its row and head, never the earlier ones (the
+    kernel multiplies the hidden slots by zero weights, 0 * NaN = NaN); a faulty cached slot reaches its row only if
+    valid. The same NaN pattern and the same finite values as `chunk_attention`'s containment, from blocks of one
+    chunk (the fault then crosses blocks) to one block."""
+    from modeling_rat import rat_ops
+
+    monkeypatch.setattr(rat_ops, "MIXING_BLOCK_TOKENS", block_tokens)
+    leaves, extra = _mixing_inputs(3, 6, 3, 2, 4, 1, torch.float32, num_cached=2, initial_state=True)
+    assert extra["num_cached_chunks"].tolist() == [0, 1, 2]
+    leaves["value"][0, 2, 1, 5] = float("nan")  # row 0, chunk 2, token 1, head 1
+    leaves["cached_keys"][1, 0, 1] = float("inf")  # row 1: slot 1 of head 0, beyond its one valid slot
+    leaves["cached_values"][2, 1, 1] = float("nan")  # row 2: slot 1 of head 1, valid
+    with torch.no_grad():
+        actual = rat_ops.chunk_mixing(**leaves, **extra, scale=0.3).mixed.unflatten(-1, (2, 4))
+        expected = _reference_mixing(**leaves, **extra, scale=0.3, composition=(rat_ops.gated_chunk_scan, chunk_attention))
+    expected = expected.mixed.unflatten(-1, (2, 4))  # (N, C, L, H, d)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    fault = torch.isnan(actual).any(-1)  # (N, C, L, H)
+    assert fault[0, 2, 1:, 1].all() and fault[0, 3:, :, 1].all() and not fault[0, :, :, 0].any()
+    assert not fault[0, :2].any() and not fault[0, 2, 0].any()
+    assert not fault[1].any()
+    assert fault[2, :, :, 1].all() and not fault[2, :, :, 0].any()
+
+
+@pytest.mark.parametrize("num_cached, initial_state", [(0, False), (2, True)])
+def test_chunk_mixing_gradients_pass_gradcheck(monkeypatch, num_cached, initial_state):
+    """fp64 finite differences through several blocks (a chunk and a half per block), the cache slots included."""
+    from modeling_rat import rat_ops
+
+    monkeypatch.setattr(rat_ops, "MIXING_BLOCK_TOKENS", 6)
+    leaves, extra = _mixing_inputs(2, 4, 2, 2, 4, 1, torch.float64, num_cached, initial_state, seed=3)
+    names = list(leaves)
+
+    def mixing(*tensors):
+        return rat_ops.chunk_mixing(**dict(zip(names, tensors)), **extra, scale=0.5).mixed
+
+    assert torch.autograd.gradcheck(mixing, tuple(leaf.requires_grad_() for leaf in leaves.values()))
+
+
+def test_chunk_mixing_keeps_no_per_token_intermediate(monkeypatch):
+    """What autograd keeps for the backward: the inputs, and per chunk (not per token) a few slots, so that a
+    training step holds no states, gated inputs, augmented queries or attention outputs."""
+    from modeling_rat import rat_ops
+
+    monkeypatch.setattr(rat_ops, "MIXING_BLOCK_TOKENS", 32)
+    rows, chunks, chunk_size, heads, head_dim = 2, 8, 16, 4, 8
+    leaves, extra = _mixing_inputs(rows, chunks, chunk_size, heads, head_dim, 2, torch.float32)
+    leaves = {name: leaf.requires_grad_() for name, leaf in leaves.items()}
+    inputs = {leaf.untyped_storage().data_ptr() for leaf in [*leaves.values(), *extra.values()]}
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        mixed = rat_ops.chunk_mixing(**leaves, **extra, scale=0.3).mixed
+    kept = sum(size for pointer, size in saved.items() if pointer not in inputs and pointer != mixed.untyped_storage().data_ptr())
+    # per chunk: key and value slots (H x (d + 2) each); per token and head: the log-sum-exp (fp32)
+    per_chunk_slots = 2 * heads * (head_dim + 2) * 4
+    assert kept <= rows * chunks * per_chunk_slots + rows * chunks * chunk_size * heads * 4 + rows * heads * 2 * per_chunk_slots
+    mixed.sum().backward()
+    assert all(leaf.grad is not None for leaf in leaves.values())
+
+
+def test_chunk_mixing_refuses_tensors_off_the_cpu():
+    from modeling_rat.rat_ops import chunk_mixing
+
+    leaves, extra = _mixing_inputs(1, 2, 2, 2, 4, 1, torch.float32)
+    on_meta = {name: tensor.to("meta") for name, tensor in {**leaves, **extra}.items()}
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        chunk_mixing(**on_meta, scale=0.5)
+
+
+def test_chunk_mixing_without_gradients_and_with_states_is_the_same_computation():
+    from modeling_rat.rat_ops import chunk_mixing
+
+    leaves, extra = _mixing_inputs(2, 6, 4, 2, 8, 2, torch.float32, num_cached=2, initial_state=True)
+    with torch.no_grad():
+        plain = chunk_mixing(**leaves, **extra, scale=0.3)
+        with_states = chunk_mixing(**leaves, **extra, scale=0.3, return_states=True)
+    assert plain.states is None
+    torch.testing.assert_close(plain.mixed, with_states.mixed, rtol=0, atol=0)
+    expected = _reference_mixing(**leaves, **extra, scale=0.3, return_states=True)
+    torch.testing.assert_close(with_states.states, expected.states, rtol=1e-6, atol=1e-6)
