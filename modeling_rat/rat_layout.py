@@ -109,7 +109,12 @@ class RatSequenceLayout:
                 _check_continuation(positions, valid, cached_tokens, checks)
             if seq_len > 1:  # packing changes the result: detected even while compiling (a graph break)
                 starts = valid & ~_continues_previous_token(positions, valid)
-                facts["packed"] = (starts.sum(1) > 1).any()
+                packed = (starts.sum(1) > 1).any()
+                if torch.compiler.is_exporting():  # no graph break in an exported program: one sequence per row
+                    torch._assert_async(~packed, "Packed sequences (positions restarting inside a row) are not "
+                                        "supported by an exported RAT program: export one sequence per row.")
+                else:
+                    facts["packed"] = packed
             if key_valid is None and cached_columns == 0:
                 key_positions = positions
         positions = torch.where(valid, positions, torch.zeros_like(positions))

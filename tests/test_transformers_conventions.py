@@ -125,6 +125,24 @@ def test_torch_export_of_the_forward_that_fills_a_new_cache(pattern, dynamic):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_torch_export_with_position_ids_matches_eager_and_refuses_packed_inputs(pattern):
+    """
+    As transformers' exporter exports a prefill (with position ids): whether a row holds several sequences (packing)
+    cannot be read while exporting, so the exported program assumes one sequence per row and checks it when it runs.
+    """
+    model = tiny_model(LAYER_PATTERNS[pattern])
+    ids, positions = random_ids(2, 8), torch.arange(8).expand(2, -1)
+    inputs = {"input_ids": ids, "position_ids": positions, "use_cache": False}
+    program = torch.export.export(model, (), kwargs=inputs, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(**inputs).logits, model(**inputs).logits)
+        packed = torch.cat([torch.arange(5), torch.arange(3)]).expand(2, -1)
+        with pytest.raises(RuntimeError, match="Packed sequences .* not supported by an exported RAT program"):
+            program.module()(input_ids=ids, position_ids=packed, use_cache=False)
+
+
+@pytest.mark.slow
 def test_torch_export_of_a_decode_step_with_a_sliding_window_layer():
     from transformers.exporters.exporter_dynamo import DynamoConfig, DynamoExporter
 
