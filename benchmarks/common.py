@@ -8,9 +8,12 @@ timing, timing and peak memory of one configuration in a process of its own, and
   L2 cache flushed between calls, `max_run_time` of timed calls; without Triton the same Timer, which synchronises
   the GPU). The median time per call is reported, with every block's time per call in the JSON.
 * Peak memory: what the first full call adds on top of what the process held before it (the model and inputs
-  built, one tiny call having set up the libraries): on CUDA `torch.cuda.max_memory_allocated`; on CPU the
-  resident-set high-water mark (`VmHWM`, reset to the current resident size through `/proc/self/clear_refs`;
-  outside Linux the `ru_maxrss` increase, which under-reports when the process was larger before).
+  built, one tiny call having set up the libraries), counted at the allocator: on CUDA
+  `torch.cuda.max_memory_allocated`; on CPU the running total of the bytes the CPU allocator has handed out and
+  not yet taken back, as `torch.profiler` (with `profile_memory=True`) records it at every allocation and free.
+  Both are exact and repeatable. On CPU the resident-set high-water mark (`VmHWM`, reset through
+  `/proc/self/clear_refs`) is recorded beside it as `resident_peak_bytes`: what the process cost the machine,
+  which also counts memory the C library keeps after a free, so it varies by a few tens of MiB from run to run.
 * Isolation: every configuration runs in a fresh process, forked from a server process that has only imported the
   libraries (multiprocessing's "forkserver"), so that no earlier configuration leaves memory behind and a crash,
   an out-of-memory kill or a time-out is reported in its table cell instead of stopping the suite.
@@ -27,6 +30,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
@@ -245,6 +249,7 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
+        self.resident_peak = None
 
     def start(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -252,15 +257,33 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.method, self.baseline = "torch.cuda.max_memory_allocated", torch.cuda.memory_allocated(self.device)
         else:
-            self.method = "VmHWM (reset at start)" if _reset_resident_peak() else "resident high-water mark increase"
-            self.baseline = _resident_peak_bytes()
+            self.method = "CPU allocator total (torch.profiler)"
+            self._resident_method = "VmHWM (reset at start)" if _reset_resident_peak() else "ru_maxrss increase"
+            self._resident_baseline = _resident_peak_bytes()
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.__enter__()
         return self
 
     def stop(self) -> int:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self.baseline
-        return max(0, _resident_peak_bytes() - self.baseline)
+        self._profiler.__exit__(None, None, None)
+        self.resident_peak = max(0, _resident_peak_bytes() - self._resident_baseline)
+        return _profiled_allocation_peak(self._profiler)
+
+
+def _profiled_allocation_peak(profiler) -> int:
+    """
+    The highest count of live bytes allocated while `profiler` ran: the "Total Allocated" field of its memory events
+    (the profiler counts only allocations made while it records, minus their frees), read from its Chrome trace.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    totals = [event["args"]["Total Allocated"] for event in events if event.get("name") == "[memory]"]
+    return max(totals, default=0)
 
 
 def _reset_resident_peak() -> bool:
@@ -284,12 +307,20 @@ def _resident_peak_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def memory_record(memory: PeakMemory, peak: int) -> dict:
+    """The peak-memory fields of a result: the peak, its method and, on CPU, the resident-set peak beside it."""
+    record = {"peak_memory_bytes": peak, "memory_method": memory.method}
+    if memory.resident_peak is not None:
+        record.update(resident_peak_bytes=memory.resident_peak, resident_method=memory._resident_method)
+    return record
+
+
 def measure(step, options: RunOptions) -> dict:
     """Peak memory of the first call of `step`, then its timing."""
     memory = PeakMemory(options.torch_device).start()
     step()
     peak = memory.stop()
-    return {"status": "ok", **time_call(step, options), "peak_memory_bytes": peak, "memory_method": memory.method}
+    return {"status": "ok", **time_call(step, options), **memory_record(memory, peak)}
 
 
 def memory_probe(case: dict, settings, options: RunOptions) -> dict:
@@ -298,7 +329,7 @@ def memory_probe(case: dict, settings, options: RunOptions) -> dict:
     block = torch.ones(case["bytes"] // 4, dtype=torch.float32, device=options.torch_device)
     peak = memory.stop()
     del block
-    return {"status": "ok", "allocated_bytes": case["bytes"], "peak_memory_bytes": peak, "memory_method": memory.method}
+    return {"status": "ok", "allocated_bytes": case["bytes"], **memory_record(memory, peak)}
 
 
 # ================================================================================================== isolation

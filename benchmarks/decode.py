@@ -24,6 +24,7 @@ from modeling_rat import cache_nbytes
 
 from .common import (
     PeakMemory,
+    memory_record,
     RunOptions,
     case_cell,
     check_settings,
@@ -164,8 +165,7 @@ def measure_case(case: dict, settings: DecodeSettings, options: RunOptions) -> d
         "generate_times_s": whole["times_s"],
         "prefill_times_s": prefill["times_s"],
         "cache_bytes": cache_bytes,
-        "peak_memory_bytes": peak,
-        "memory_method": memory.method,
+        **memory_record(memory, peak),
         "compiled_by_generate": compiled,
     }
 

@@ -30,6 +30,12 @@ for every model, and all models are scored on one held-out set per (task, length
 Output, in --output: `runs/<run>.json` per finished run (a rerun skips finished runs; several processes can share
 one folder and never train the same run at once), `results.json` ({"recipe": ..., "runs": [...]}) and `results.md` (tables),
 rewritten after each run, and the plots `accuracy_vs_length.png`, `chunk_size.png` and `passkey_depth.png`.
+
+Cost: each run records the median time of its training steps at its length, but runs that share a machine slow
+each other down, so those times are not comparable. `--measure-costs` (run it alone on the machine, after or
+between the grid's invocations) times one training step of every model and length of the grid side by side in one
+process (`torch.utils.benchmark`, same batch, threads and data for all) and writes `costs.json`; the tables and plots
+use it when it is there and say which times they show.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import socket
 import statistics
 import sys
@@ -280,6 +287,50 @@ def decode_cache_bytes(model, seq_len: int) -> int:
     return cache_nbytes(cache)
 
 
+def measure_costs(runs: list[Run], recipe: Recipe, output: Path, min_run_time: float, progress: bool = True) -> dict:
+    """
+    Training-step time of every (model, length) of `runs`, side by side in this process: forward, backward, clipping
+    and AdamW step on one batch of `recipe.batch_size` sequences (the first task's data; the task does not change the
+    shapes), timed by `torch.utils.benchmark.Timer.blocked_autorange`. Writes and returns `costs.json`.
+    """
+    from torch.utils.benchmark import Timer
+    from tqdm.auto import tqdm
+
+    variants = list(dict.fromkeys((run.model, run.chunk_size, run.seq_len) for run in runs))
+    costs = []
+    for model_name, chunk_size, seq_len in tqdm(variants, desc="step times", disable=not progress, dynamic_ncols=True):
+        run = Run(runs[0].task, model_name, chunk_size, seq_len, 0)
+        torch.manual_seed(0)
+        model = RatForCausalLM(build_config(run, recipe)).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate)
+        ids, labels, _ = BATCH_MAKERS[run.task](data_generator(run.task, seq_len, 0), recipe.batch_size, seq_len, recipe)
+
+        def step():
+            answer_loss(model, ids, labels).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # warm-up (first-call set-up)
+        timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+        measurement = timer.blocked_autorange(min_run_time=min_run_time)
+        costs.append({"model": model_name, "chunk_size": chunk_size, "label": run.label, "seq_len": seq_len,
+                      "batch_size": recipe.batch_size, "train_step_seconds": measurement.median,
+                      "times_s": measurement.times})
+    result = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__, "processor": platform.processor(),
+              "timer": "torch.utils.benchmark.Timer.blocked_autorange", "costs": costs}
+    write_atomically(Path(output) / "costs.json", json.dumps(result, indent=2))
+    return result
+
+
+def load_step_times(output: Path) -> dict | None:
+    """{(label, seq_len): seconds} from `costs.json` (`--measure-costs`), or None when it has not been measured."""
+    path = Path(output) / "costs.json"
+    if not path.exists():
+        return None
+    return {(cost["label"], cost["seq_len"]): cost["train_step_seconds"] for cost in json.loads(path.read_text())["costs"]}
+
+
 def train_and_evaluate(run: Run, recipe: Recipe, progress: bool = True) -> dict:
     """Train one model from scratch on one task: `short_steps` at `short_length` tokens (where the recall circuits
     form cheaply), then `steps` at the run's length; evaluate at the run's length and return the record."""
@@ -439,9 +490,10 @@ def summarize(records: list[dict], key: str):
     return {group: (statistics.fmean(values), min(values), max(values), len(values)) for group, values in groups.items()}
 
 
-def write_tables(records: list[dict], output: Path):
+def write_tables(records: list[dict], output: Path, step_times: dict | None = None):
     """`results.md`: every model at the longest length (accuracy per task, step time, cache bytes), then accuracy by
-    length per task. Cells are means over seeds, with the range when there are several."""
+    length per task. Cells are means over seeds, with the range when there are several. Step times from
+    `step_times` (`--measure-costs`) when given, else the runs' own (median during training, machine shared)."""
     if not records:
         return
     tasks = [task for task in TASKS if any(r["task"] == task for r in records)]
@@ -455,7 +507,9 @@ def write_tables(records: list[dict], output: Path):
         mean, low, high, count = stats
         return f"{mean:.3f}" + (f" ({low:.2f}-{high:.2f}, {count} seeds)" if count > 1 else "")
 
-    lines = [f"Accuracy at {longest} tokens (mean over seeds, min-max), median training-step time at that length and "
+    timing = ("training-step time at that length measured side by side in one process (`--measure-costs`)"
+              if step_times else "median training-step time during the runs (machines shared: not comparable)")
+    lines = [f"Accuracy at {longest} tokens (mean over seeds, min-max), {timing}, and "
              f"decode-cache bytes after reading one sequence of that length.", "",
              "| model | " + " | ".join(tasks) + " | training step (s) | decode cache (bytes) |",
              "|---|" + "---|" * (len(tasks) + 2)]
@@ -463,9 +517,13 @@ def write_tables(records: list[dict], output: Path):
         at_longest = [r for r in records if r["label"] == label and r["seq_len"] == longest]
         if not at_longest:
             continue
-        step = statistics.fmean(r["train_step_seconds"] for r in at_longest)
+        if step_times:
+            step = step_times.get((label, longest))
+            step_cell = "-" if step is None else f"{step:.3f}"
+        else:
+            step_cell = f"{statistics.fmean(r['train_step_seconds'] for r in at_longest):.2f}"
         lines.append(f"| {label} | " + " | ".join(cell(accuracy.get((task, label, longest))) for task in tasks)
-                     + f" | {step:.2f} | {at_longest[0]['cache_bytes']:,} |")
+                     + f" | {step_cell} | {at_longest[0]['cache_bytes']:,} |")
     for task in tasks:
         lengths = sorted({r["seq_len"] for r in records if r["task"] == task})
         lines += ["", f"{task}: accuracy by length (mean over seeds)", "",
@@ -478,11 +536,12 @@ def write_tables(records: list[dict], output: Path):
 
 
 def report(records: list[dict], output: Path):
-    write_tables(records, output)
-    plot_results(records, output)
+    step_times = load_step_times(output)
+    write_tables(records, output, step_times)
+    plot_results(records, output, step_times)
 
 
-def plot_results(records: list[dict], output: Path):
+def plot_results(records: list[dict], output: Path, step_times: dict | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -514,7 +573,7 @@ def plot_results(records: list[dict], output: Path):
     figure.savefig(output / "accuracy_vs_length.png", dpi=120)
     plt.close(figure)
 
-    plot_chunk_sizes(records, tasks, output, plt)
+    plot_chunk_sizes(records, tasks, output, plt, step_times)
     plot_passkey_depth(records, output, plt)
 
 
@@ -527,10 +586,13 @@ def style_axis(axis, xlabel: str, ylabel: str, title: str):
     axis.legend(fontsize=8)
 
 
-def plot_chunk_sizes(records, tasks, output, plt):
+def plot_chunk_sizes(records, tasks, output, plt, step_times=None):
     """At the longest length: accuracy, step time and cache bytes of rat against its chunk size, with attention and
-    rnn as reference lines."""
-    panels = [("accuracy", "accuracy"), ("train_step_seconds", "training step (s, median)"),
+    rnn as reference lines. Step times from `step_times` when given (each run's record otherwise)."""
+    if step_times:
+        records = [{**r, "train_step_seconds": step_times.get((r["label"], r["seq_len"]), float("nan"))} for r in records]
+    step_title = "training step (s, side by side)" if step_times else "training step (s, median during the run)"
+    panels = [("accuracy", "accuracy"), ("train_step_seconds", step_title),
               ("cache_bytes", "decode cache (KiB, one sequence, log scale)")]
     figure, axes = plt.subplots(len(tasks), len(panels), figsize=(15, 4 * len(tasks)), squeeze=False)
     for row, task in zip(axes, tasks):
@@ -621,6 +683,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         value = getattr(defaults, field)
         recipe.add_argument(f"--{field.replace('_', '-')}", type=type(value), help=f"{help_text} (default {value})")
+    parser.add_argument("--measure-costs", action="store_true",
+                        help="time one training step of every model and length of the grid side by side (no training; "
+                             "run it alone on the machine) and write costs.json, which the tables and plots then use")
+    parser.add_argument("--min-run-time", type=float, default=2.0,
+                        help="seconds of timed steps per model and length for --measure-costs (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -670,6 +737,13 @@ def main(argv=None) -> list[dict]:
         folder = ResultsFolder(args.output, recipe)
     except ValueError as error:
         parser.error(str(error))
+    if args.measure_costs:
+        if args.min_run_time <= 0:
+            parser.error(f"--min-run-time must be positive, got {args.min_run_time}")
+        measure_costs(runs, recipe, folder.output, args.min_run_time, progress=not args.no_progress)
+        records = folder.write_summary()
+        report(records, folder.output)
+        return records
     pending = [run for run in runs if not folder.is_done(run)]
     print(f"{len(runs)} runs, {len(runs) - len(pending)} already finished in {args.output}", file=sys.stderr)
     bar = tqdm(total=len(pending), desc="runs", disable=args.no_progress, dynamic_ncols=True)

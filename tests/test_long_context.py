@@ -103,6 +103,7 @@ def test_results_folder_resumes_and_shares_runs_between_processes(tmp_path):
     (["--seeds", "0"], "--seeds must be >= 1"),
     (["--pairs", "80"], "needs at least as many key symbols"),
     (["--num-heads", "3"], "attention at 1024 tokens"),
+    (["--measure-costs", "--min-run-time", "0"], "--min-run-time must be positive"),
 ])
 def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -142,3 +143,13 @@ def test_quick_run_trains_the_grid_plots_it_and_a_rerun_skips_it(tmp_path, capsy
     again = long_context.main(["--quick", "--output", str(tmp_path), "--no-progress"])
     assert f"{expected_runs} already finished" in capsys.readouterr().err
     assert again == records
+
+    # Step times measured side by side replace the runs' own (taken while other runs shared the machine).
+    long_context.main(["--quick", "--output", str(tmp_path), "--no-progress", "--measure-costs", "--min-run-time", "0.05"])
+    costs = json.loads((tmp_path / "costs.json").read_text())
+    measured = {(c["label"], c["seq_len"]): c["train_step_seconds"] for c in costs["costs"]}
+    assert set(measured) == {(r["label"], r["seq_len"]) for r in records}
+    assert all(seconds > 0 for seconds in measured.values()) and costs["torch_threads"] >= 1
+    table = (tmp_path / "results.md").read_text()
+    assert "measured side by side in one process" in table
+    assert "| rat L=4 |" in table and f" | {measured[('rat L=4', 64)]:.3f} | " in table
