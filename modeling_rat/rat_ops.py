@@ -337,13 +337,35 @@ def chunk_attention_mask(num_cached_chunks: torch.Tensor, num_cached: int, num_c
     return torch.cat([own, cached.expand(-1, num_chunks, -1), new[None].expand(rows, -1, -1)], dim=-1).unsqueeze(1)
 
 
-def holds_nonfinite(*tensors: torch.Tensor, dim) -> torch.Tensor:
+def holds_nonfinite(*tensors: torch.Tensor, dim, keepdim: bool = False) -> torch.Tensor:
     """
     Which slices of `tensors` hold a NaN or inf: those whose float32 sum over `dim` is not finite (a sum of finite
     values overflows only for elements near 1e36, where attention scores overflow anyway). Many times faster than
     `isfinite(x).all(dim)` on CPUs.
     """
-    return ~torch.isfinite(sum(tensor.sum(dim=dim, dtype=torch.float32) for tensor in tensors))
+    return ~torch.isfinite(sum(tensor.sum(dim=dim, keepdim=keepdim, dtype=torch.float32) for tensor in tensors))
+
+
+def zero_nonfinite_pairs(key: torch.Tensor, value: torch.Tensor, dim, in_place: bool = False):
+    """
+    The key/value pairs (slices over `dim`, in the key or the value) that hold a NaN or inf, replaced by zeros for an
+    attention kernel, which would otherwise spread them through zero weights (0 * NaN is NaN). Returns the key, the
+    value (the same tensors when `in_place`) and which pairs were faulty (keeping `dim` as size-1 dimensions).
+    """
+    faulty = holds_nonfinite(key, value, dim=dim, keepdim=True)
+    if in_place:
+        return key.masked_fill_(faulty, 0.0), value.masked_fill_(faulty, 0.0), faulty
+    return key.masked_fill(faulty, 0.0), value.masked_fill(faulty, 0.0), faulty
+
+
+def follows_a_fault(faulty: torch.Tensor) -> torch.Tensor:
+    """
+    (..., C) bool -> (..., C): True at the positions after the first faulty one (position c sees positions < c).
+    Through the first fault rather than a cumulative sum, which torch.export cannot trace for dynamic lengths.
+    """
+    positions = torch.arange(faulty.shape[-1], device=faulty.device)
+    first_fault = torch.where(faulty, positions, faulty.shape[-1]).amin(-1, keepdim=True)
+    return positions > first_fault
 
 
 def nan_where(condition: torch.Tensor) -> torch.Tensor:
@@ -366,16 +388,11 @@ def contain_summary_faults(own_value, key_summaries, value_summaries, num_cached
     """
     num_chunks = own_value.shape[3]
     num_cached = key_summaries.shape[2] - (num_chunks - 1)
-    faulty = holds_nonfinite(key_summaries, value_summaries, dim=-1)  # (N, H, P + C - 1)
-    key_summaries = key_summaries.masked_fill(faulty[..., None], 0.0)
-    value_summaries = value_summaries.masked_fill(faulty[..., None], 0.0)
+    key_summaries, value_summaries, faulty = zero_nonfinite_pairs(key_summaries, value_summaries, dim=-1)
+    faulty = faulty[..., 0]  # (N, H, P + C - 1)
     # Query chunk i sees the new summaries k < i, and the cached slots below its row's count.
-    # (Through the first faulty new summary rather than a cumulative sum, which torch.export cannot trace for
-    # dynamic lengths.)
-    chunks = torch.arange(num_chunks, device=faulty.device)
     new_faulty = torch.cat([faulty[..., num_cached:], faulty.new_zeros(*faulty.shape[:2], 1)], dim=-1)  # (N, H, C)
-    first_fault = torch.where(new_faulty, chunks, num_chunks).amin(-1, keepdim=True)  # (N, H, 1)
-    sees_fault = chunks > first_fault  # (N, H, C)
+    sees_fault = follows_a_fault(new_faulty)  # (N, H, C)
     if num_cached_chunks is not None:
         cached_visible = torch.arange(num_cached, device=faulty.device)[None, :] < num_cached_chunks[:, None]
         sees_fault = sees_fault | (faulty[..., :num_cached] & cached_visible[:, None, :]).any(-1, keepdim=True)
@@ -545,10 +562,7 @@ def _rotated(x, cos, sin):
 
 def _zero_faulty_slots(key_slots, value_slots, slots: slice) -> torch.Tensor:
     """Zeroes the key and value slots `slots` (N, H, slots, d + 2) that hold a NaN or inf; returns which (N, H, slots)."""
-    faulty = holds_nonfinite(key_slots[:, :, slots], value_slots[:, :, slots], dim=-1)
-    key_slots[:, :, slots].masked_fill_(faulty[..., None], 0.0)
-    value_slots[:, :, slots].masked_fill_(faulty[..., None], 0.0)
-    return faulty
+    return zero_nonfinite_pairs(key_slots[:, :, slots], value_slots[:, :, slots], dim=-1, in_place=True)[2][..., 0]
 
 
 _flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -659,7 +673,7 @@ class ChunkMixing(torch.autograd.Function):
                 key_slots[:, :, slots, :head_dim] = key_summaries[:, start:keys_end].transpose(1, 2)
                 value_slots[:, :, slots, :head_dim] = value_summaries[:, start:keys_end].transpose(1, 2)
                 faulty[..., : keys_end - start] = _zero_faulty_slots(key_slots, value_slots, slots)
-            sees_fault = seen_fault[..., None] | (faulty.cumsum(-1) > faulty)  # chunk c sees the summaries of chunks < c
+            sees_fault = seen_fault[..., None] | follows_a_fault(faulty)  # chunk c sees the summaries of chunks < c
             seen_fault = sees_fault[..., -1] | faulty[..., -1]
             out, lse = _flash_attention(
                 _as_heads(block.augmented_query(slice(0, block.copies), value.dtype)), key_slots[:, :, : block.num_slots],
@@ -925,9 +939,8 @@ def attention_containing_faults(query, key, value, attn_mask=None, sliding_windo
     Cost: a sum, a select and their backward over the keys and values, one addition over the output; no
     synchronisation.
     """
-    faulty = holds_nonfinite(key, value, dim=(1, 3))  # (B, K): in any head
-    key = key.masked_fill(faulty[:, None, :, None], 0.0)
-    value = value.masked_fill(faulty[:, None, :, None], 0.0)
+    key, value, faulty = zero_nonfinite_pairs(key, value, dim=(1, 3))  # a token's pair, in any head
+    faulty = faulty[:, 0, :, 0]  # (B, K)
     if attn_mask is not None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
         sees_fault = (attn_mask[:, 0] & faulty[:, None, :]).any(-1)  # (B, T)
