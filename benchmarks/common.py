@@ -249,7 +249,7 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
-        self.resident_peak = None
+        self.resident_peak = self.resident_method = None  # CPU only
 
     def start(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -258,7 +258,7 @@ class PeakMemory:
             self.method, self.baseline = "torch.cuda.max_memory_allocated", torch.cuda.memory_allocated(self.device)
         else:
             self.method = "CPU allocator total (torch.profiler)"
-            self._resident_method = "VmHWM (reset at start)" if _reset_resident_peak() else "ru_maxrss increase"
+            self.resident_method = "VmHWM (reset at start)" if _reset_resident_peak() else "ru_maxrss increase"
             self._resident_baseline = _resident_peak_bytes()
             self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
             self._profiler.__enter__()
@@ -311,7 +311,7 @@ def memory_record(memory: PeakMemory, peak: int) -> dict:
     """The peak-memory fields of a result: the peak, its method and, on CPU, the resident-set peak beside it."""
     record = {"peak_memory_bytes": peak, "memory_method": memory.method}
     if memory.resident_peak is not None:
-        record.update(resident_peak_bytes=memory.resident_peak, resident_method=memory._resident_method)
+        record.update(resident_peak_bytes=memory.resident_peak, resident_method=memory.resident_method)
     return record
 
 

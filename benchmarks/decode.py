@@ -24,7 +24,6 @@ from modeling_rat import cache_nbytes
 
 from .common import (
     PeakMemory,
-    memory_record,
     RunOptions,
     case_cell,
     check_settings,
@@ -39,6 +38,7 @@ from .common import (
     format_ratio,
     length_axis,
     markdown_table,
+    memory_record,
     pyplot,
     ratio,
     run_cases,

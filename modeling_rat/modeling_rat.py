@@ -53,7 +53,7 @@ from .cache_rat import (
 from .rat_backends import RatBackend, select_rat_backend
 from .rat_inputs import validate_loss_inputs, validate_model_inputs
 from .rat_layout import RatSequenceLayout
-from .rat_ops import apply_rotary, attention_containing_faults, chunk_mixing, composed_chunk_mixing, rotary_cos_sin, tile_groups
+from .rat_ops import apply_rotary, attention_containing_faults, rotary_cos_sin, tile_groups
 
 
 from .configuration_rat import RatConfig
@@ -207,12 +207,7 @@ class RatMixer(RatGatedRecurrence):
         grid = layout.chunk_grid(self.chunk_size)
         resume = cache_layer.resume(grid.batch_row) if cache_layer is not None else None
         cos, sin = rotary_cos_sin(grid.chunk_index, self.head_dim, self.config.rope_theta, torch.float32)  # (N, C, d)
-        # The fused mixing calls the CPU flash kernel directly and is opaque to tracing: eager CPU tensors only.
-        if backend.name == "fast" and hidden_states.device.type == "cpu" and not torch.compiler.is_compiling():
-            mixing = chunk_mixing
-        else:
-            mixing = functools.partial(composed_chunk_mixing, backend.gated_chunk_scan, backend.chunk_attention)
-        result = mixing(
+        result = backend.chunk_mixing(
             grid.to_grid(self.forget_gate(hidden_states), fill=1.0),
             grid.to_grid(self.v_proj(hidden_states)),
             grid.to_grid(self.k_proj(hidden_states)),

@@ -1,7 +1,10 @@
 """How RAT and rnn layers compute: one table of backends, chosen once per forward.
 
-Every backend offers the same four functions, so a mixer never branches on which one runs:
+Every backend offers the same five functions, so a mixer never branches on which one runs:
 
+* `chunk_mixing(gates, value, key, query, cos, sin, scale, ...)`: the whole RAT mixing of a sequence on its grid of
+  chunks (`rat_ops.chunk_mixing`), from the next two functions (`rat_ops.composed_chunk_mixing`) or, on the fast
+  path with eager CPU tensors, as one blocked function that recomputes the states in its backward;
 * `gated_chunk_scan(gates, value, key, initial_state)`: the intra-chunk recurrence of values and tiled keys;
 * `chunk_attention(query, own_score, own_value, key_summaries, value_summaries, num_cached_chunks, scale)`: every
   token's single softmax over earlier chunk summaries and its own running summary;
@@ -23,6 +26,9 @@ from transformers.utils import logging
 from .rat_ops import (
     chunk_attention,
     chunk_attention_reference,
+    ChunkMixingOutput,
+    chunk_mixing,
+    composed_chunk_mixing,
     contain_summary_faults,
     decode_attention,
     decode_attention_reference,
@@ -43,6 +49,24 @@ class RatBackend:
     chunk_attention: Callable[..., torch.Tensor]
     decode_attention: Callable[..., torch.Tensor]
     linear_recurrence: Callable[..., torch.Tensor]
+    #: None: `composed_chunk_mixing` of this backend's scan and attention
+    chunk_mixing: Callable[..., ChunkMixingOutput] | None = None
+
+    def __post_init__(self):
+        if self.chunk_mixing is None:
+            composed = functools.partial(composed_chunk_mixing, self.gated_chunk_scan, self.chunk_attention)
+            object.__setattr__(self, "chunk_mixing", composed)
+
+
+def _fast_chunk_mixing(gates, value, *args, **kwargs):
+    """
+    The fused mixing (`rat_ops.chunk_mixing`) on eager CPU tensors; elsewhere the composed one. The fused function
+    calls the CPU flash kernel directly and is opaque to tracing, so torch.compile and torch.export get the composed
+    one.
+    """
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        return chunk_mixing(gates, value, *args, **kwargs)
+    return composed_chunk_mixing(gated_chunk_scan, chunk_attention, gates, value, *args, **kwargs)
 
 
 REFERENCE = RatBackend(
@@ -59,6 +83,7 @@ FAST = RatBackend(
     chunk_attention=chunk_attention,
     decode_attention=decode_attention,
     linear_recurrence=linear_recurrence,
+    chunk_mixing=_fast_chunk_mixing,
 )
 
 

@@ -90,35 +90,49 @@ def linear_recurrence_reference(gates, inputs, initial_state=None):
     return torch.stack(states, dim=1)
 
 
-def _scan_forward(gates, inputs, initial_state):
-    """h[:, c, l] = gates[:, c, l] * h[:, c, l-1] + inputs[:, c, l], written in place step by step."""
-    states = torch.empty_like(inputs)
-    states[:, :, 0] = inputs[:, :, 0]
+def _scan_in_place(gates, states, initial_state):
+    """h[:, c, l] = gates[:, c, l] * h[:, c, l-1] + x[:, c, l], step by step in `states`, which holds x on entry."""
     if initial_state is not None:
-        states[:, 0, 0] += gates[:, 0, 0].unsqueeze(-2) * initial_state
+        states[:, 0, 0].addcmul_(gates[:, 0, 0].unsqueeze(-2), initial_state)
     for index in range(1, gates.shape[2]):
-        torch.addcmul(inputs[:, :, index], gates[:, :, index].unsqueeze(-2), states[:, :, index - 1], out=states[:, :, index])
+        states[:, :, index].addcmul_(gates[:, :, index].unsqueeze(-2), states[:, :, index - 1])
     return states
+
+
+def _reverse_scan_in_place(gates, grad_states):
+    """The reverse scan: turns the gradient given to each state into the gradient reaching it through every later
+    step (the gradient of the scan's inputs), in place."""
+    for index in range(gates.shape[2] - 2, -1, -1):
+        grad_states[:, :, index].addcmul_(gates[:, :, index + 1].unsqueeze(-2), grad_states[:, :, index + 1])
+    return grad_states
+
+
+def _gate_gradients(grad_inputs, gates, states, initial_state, grad_gates):
+    """
+    dL/df_l = sum over streams of dL/dx_l * h_{l-1} (h_{-1}: the initial state in chunk 0 of each row, else 0), written
+    into `grad_gates`, stream by stream without a temporary of the states' size; returns the initial state's gradient.
+    """
+    streams = grad_inputs.shape[-2]
+    torch.mul(grad_inputs[:, :, 1:, 0], states[:, :, :-1, 0], out=grad_gates[:, :, 1:])
+    for stream in range(1, streams):
+        grad_gates[:, :, 1:].addcmul_(grad_inputs[:, :, 1:, stream], states[:, :, :-1, stream])
+    grad_gates[:, :, 0] = 0
+    if initial_state is None:
+        return None
+    grad_gates[:, 0, 0] = (grad_inputs[:, 0, 0] * initial_state).sum(-2)
+    return gates[:, 0, 0].unsqueeze(-2) * grad_inputs[:, 0, 0]
+
+
+def _scan_forward(gates, inputs, initial_state):
+    """h[:, c, l] = gates[:, c, l] * h[:, c, l-1] + inputs[:, c, l]."""
+    return _scan_in_place(gates, inputs.clone(), initial_state)
 
 
 def _scan_backward(gates, states, initial_state, grad_states):
     """Reverse scan: (gradient reaching each state = gradient of the inputs, gradient of the gates, of the initial state)."""
-    chunk_size = gates.shape[2]
-    grad_inputs = torch.empty_like(grad_states)
+    grad_inputs = _reverse_scan_in_place(gates, grad_states.clone())
     grad_gates = torch.empty_like(gates)
-    grad_inputs[:, :, chunk_size - 1] = grad_states[:, :, chunk_size - 1]
-    for index in range(chunk_size - 2, -1, -1):
-        torch.addcmul(
-            grad_states[:, :, index], gates[:, :, index + 1].unsqueeze(-2), grad_inputs[:, :, index + 1],
-            out=grad_inputs[:, :, index],
-        )
-    if chunk_size > 1:
-        torch.sum(grad_inputs[:, :, 1:] * states[:, :, :-1], dim=-2, out=grad_gates[:, :, 1:])
-    grad_gates[:, :, 0] = 0
-    grad_initial = None
-    if initial_state is not None:
-        grad_gates[:, 0, 0] = (grad_inputs[:, 0, 0] * initial_state).sum(-2)
-        grad_initial = gates[:, 0, 0].unsqueeze(-2) * grad_inputs[:, 0, 0]
+    grad_initial = _gate_gradients(grad_inputs, gates, states, initial_state, grad_gates)
     return grad_inputs, grad_gates, grad_initial
 
 
@@ -149,11 +163,7 @@ def _gated_scan_forward(gates, value, key, initial_state):
     input_gate = 1 - gates
     torch.mul(input_gate, value, out=states[..., 0, :])
     torch.mul(input_gate.unflatten(-1, (copies, -1)), key.unsqueeze(-2), out=states[..., 1, :].unflatten(-1, (copies, -1)))
-    if initial_state is not None:
-        states[:, 0, 0].addcmul_(gates[:, 0, 0].unsqueeze(-2), initial_state)
-    for index in range(1, chunk_size):
-        states[:, :, index].addcmul_(gates[:, :, index].unsqueeze(-2), states[:, :, index - 1])
-    return states
+    return _scan_in_place(gates, states, initial_state)
 
 
 def _gated_scan_backward(grad_states, gates, value, key, states, initial_state, grad_gates, grad_value, grad_key):
@@ -163,19 +173,10 @@ def _gated_scan_backward(grad_states, gates, value, key, states, initial_state, 
     holds the gradient reaching each state through every later step. With x the ungated stream ([v, k tiled]),
     h_l = f_l h_{l-1} + (1 - f_l) x_l gives dh_l/df_l = h_{l-1} - x_l and dh_l/dx_l = 1 - f_l.
     """
-    chunk_size = gates.shape[2]
     copies = gates.shape[-1] // key.shape[-1]
-    for index in range(chunk_size - 2, -1, -1):
-        grad_states[:, :, index].addcmul_(gates[:, :, index + 1].unsqueeze(-2), grad_states[:, :, index + 1])
+    _reverse_scan_in_place(gates, grad_states)
+    grad_initial = _gate_gradients(grad_states, gates, states, initial_state, grad_gates)
     grad_value_stream, grad_key_stream = grad_states.unbind(dim=-2)
-    value_states, key_states = states.unbind(dim=-2)
-    torch.mul(grad_value_stream[:, :, 1:], value_states[:, :, :-1], out=grad_gates[:, :, 1:])
-    grad_gates[:, :, 1:].addcmul_(grad_key_stream[:, :, 1:], key_states[:, :, :-1])
-    grad_gates[:, :, 0] = 0
-    grad_initial = None
-    if initial_state is not None:
-        grad_gates[:, 0, 0] = (grad_states[:, 0, 0] * initial_state).sum(-2)
-        grad_initial = gates[:, 0, 0].unsqueeze(-2) * grad_states[:, 0, 0]
     grad_gates.addcmul_(grad_value_stream, value, value=-1)
     grad_key_tiled = grad_key_stream.unflatten(-1, (copies, -1))
     grad_gates.unflatten(-1, (copies, -1)).addcmul_(grad_key_tiled, key.unsqueeze(-2), value=-1)
