@@ -321,3 +321,32 @@ def test_chunk_mixing_without_gradients_and_with_states_is_the_same_computation(
     torch.testing.assert_close(plain.mixed, with_states.mixed, rtol=0, atol=0)
     expected = _reference_mixing(**leaves, **extra, scale=0.3, return_states=True)
     torch.testing.assert_close(with_states.states, expected.states, rtol=1e-6, atol=1e-6)
+
+
+def test_the_fast_backend_runs_the_fused_mixing_on_eager_cpu_tensors_and_the_composed_one_when_compiled(monkeypatch):
+    """Which mixing each backend gives the model: the fused one only where it can run (eager CPU tensors)."""
+    from conftest import random_ids, tiny_model
+    from modeling_rat import rat_backends, rat_ops
+
+    calls = []
+
+    def spy(name, function):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(rat_backends, "chunk_mixing", spy("fused", rat_ops.chunk_mixing))
+    monkeypatch.setattr(rat_backends, "composed_chunk_mixing", spy("composed", rat_ops.composed_chunk_mixing))
+    model = tiny_model(("rat", "rnn", "rat"), rat_implementation="fast")
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        model(ids)
+        assert calls == ["fused", "fused"]
+        calls.clear()
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside torch.compile / torch.export
+        model(ids)
+    assert calls == ["composed", "composed"]
+    reference = rat_backends.REFERENCE.chunk_mixing
+    assert reference.func is rat_ops.composed_chunk_mixing
+    assert reference.args == (rat_ops.gated_chunk_scan_reference, rat_ops.chunk_attention_reference)
